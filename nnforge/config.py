@@ -1,0 +1,181 @@
+"""Typed configuration: one class per task, a default and a docstring per field.
+
+    cfg = ImageTrainConfig(data="data/fashion-mnist", epochs=3)
+    cfg = load_config(ImageTrainConfig, "run.yaml", overrides={"lr": 1e-3})
+
+An unknown key or a wrong type raises ConfigError naming the key and what is allowed.
+The command line builds its options from these classes, so a field here is a flag there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or has a value of the wrong type."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class EngineConfig(_Config):
+    """What the supervised training loop needs; shared by every supervised task."""
+
+    epochs: int = 10
+    """Passes over the training split."""
+    batch_size: int = 256
+    """Examples per optimizer step."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """adamw, or sgd with Nesterov momentum 0.9."""
+    lr: float = 3e-3
+    """Peak learning rate (reached after warmup)."""
+    weight_decay: float = 5e-4
+    """Decoupled weight decay; never applied to norms and biases."""
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    """LR schedule after warmup: onecycle (linear down to 0), cosine, or constant."""
+    warmup_epochs: float = 0.5
+    """Linear warmup length, in epochs (fractions allowed)."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing."""
+    clip_grad: float | None = 5.0
+    """Clip the global gradient norm to this value; null disables."""
+    ema: float | None = None
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999) and evaluate with it."""
+    early_stop: int | None = None
+    """Stop after this many epochs without improvement of the monitored metric; null disables."""
+    monitor: Literal["val_acc", "val_loss"] = "val_acc"
+    """Validation metric that picks the best checkpoint and drives early stopping."""
+    class_weights: Literal["none", "auto"] = "none"
+    """auto weighs the loss by inverse class frequency (for imbalanced data)."""
+    sampler: Literal["shuffle", "balanced"] = "shuffle"
+    """balanced draws every class equally often (sampling with replacement)."""
+    seed: int = 0
+    """Seeds every random number; on the CPU the same seed repeats a run exactly."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where to train; auto picks cuda, then mps, then cpu."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto uses bf16 autocast where the device runs it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16)."""
+    channels_last: bool = True
+    """Use the channels-last memory format for 4-D image batches (faster convolutions)."""
+    compile: bool = False
+    """Compile the model with torch.compile (slow start, faster steps on long runs)."""
+    log_every: int = 20
+    """Steps between progress-bar updates and the NaN check."""
+
+
+class ImageTrainConfig(EngineConfig):
+    """nnforge train image: a folder of class folders, train/val/test folders, or a CSV of paths and labels."""
+
+    data: str
+    """Class folders, train/ val/ test/ folders, or a CSV with path and label columns."""
+    model: str = "resnet_tiny"
+    """Registered model name (nnforge list-models)."""
+    img_size: int | None = None
+    """Square side the model sees; null uses the most common size in the data (224 for large images)."""
+    val_split: float = 0.1
+    """Fraction of the training images held out for validation when no val/ folder is given."""
+    test_split: float = 0.1
+    """Fraction held out for testing when no test/ folder is given."""
+    path_col: str = "path"
+    """CSV column with image paths (relative to the CSV)."""
+    label_col: str = "label"
+    """CSV column with class labels."""
+    crop_pad: int | None = None
+    """Random-crop padding in pixels for the tensor-cache path; null uses img_size // 8; 0 disables."""
+    flip: bool = True
+    """Random horizontal flips during training."""
+    min_size: int = 8
+    """Images smaller than this on either side are skipped as unusable."""
+    pretrained: bool = False
+    """Load torchvision's ImageNet weights by name (needs a network the first time)."""
+    weights: str | None = None
+    """Local state dict (.safetensors, .pth, or an nnforge run/checkpoint) to start from; the head is replaced."""
+    freeze_epochs: int = 0
+    """Train only the head for this many epochs, then unfreeze the body."""
+    cache: Literal["auto", "tensor", "stream"] = "auto"
+    """auto keeps small images decoded in a uint8 tensor cache and streams large ones through workers."""
+    cache_dir: str | None = None
+    """Where decoded tensors are cached; null uses $NNFORGE_CACHE or ~/.cache/nnforge."""
+    cache_max_gb: float = 4.0
+    """Oldest cache entries are removed beyond this size."""
+    workers: int | None = None
+    """DataLoader / decode worker processes; null uses the number of CPU cores."""
+    out: str = "runs"
+    """Parent folder of run folders."""
+    name: str | None = None
+    """Run folder name; null picks exp1, exp2, ..."""
+
+
+def _explain(cls: type[BaseModel], err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(cls.model_fields))
+            lines.append(f"unknown key '{key}' for {cls.__name__}; allowed keys: {allowed}")
+        else:
+            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def build_config(cls: type[_Config], values: dict[str, Any]) -> Any:
+    try:
+        return cls(**values)
+    except ValidationError as err:
+        raise ConfigError(_explain(cls, err)) from None
+
+
+def load_config(cls: type[_Config], path: str | Path | None = None, overrides: dict[str, Any] | None = None):
+    """Values from a YAML file, then overrides (the command line) on top."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build_config(cls, values)
+
+
+def save_config(cfg: BaseModel, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+class TextTrainConfig(EngineConfig):
+    """nnforge train text: a CSV, TSV or JSON Lines file of texts and labels (or train/val/test files)."""
+
+    data: str
+    """CSV/TSV/JSONL file, or a folder holding train.* and optional val.* / test.* files."""
+    text_col: str = "text"
+    """Column (or JSON key) holding the text."""
+    label_col: str = "label"
+    """Column (or JSON key) holding the label."""
+    model: str = "bigru"
+    """Registered text model name (nnforge list-models --family text)."""
+    tokenizer: Literal["bpe", "wordpiece"] = "bpe"
+    """Tokenizer trained on the training split (ignored by pretrained encoders, which bring their own)."""
+    vocab_size: int = 8000
+    """Tokenizer vocabulary size."""
+    max_len: int = 128
+    """Longest token sequence kept (longer texts are truncated)."""
+    val_split: float = 0.1
+    """Fraction held out for validation when no validation file is given."""
+    test_split: float = 0.1
+    """Fraction held out for testing when no test file is given."""
+    freeze_encoder: bool = False
+    """For pretrained encoders (minilm): train only the head."""
+    weights: str | None = None
+    """An nnforge text run or checkpoint to start from (same tokenizer); the head is replaced."""
+    out: str = "runs"
+    """Parent folder of run folders."""
+    name: str | None = None
+    """Run folder name; null picks exp1, exp2, ..."""
+
+
+TRAIN_CONFIGS: dict[str, type[EngineConfig]] = {"image": ImageTrainConfig, "text": TextTrainConfig}

@@ -1,0 +1,419 @@
+"""Image classification data: find the files, check every one, split, cache, and serve batches.
+
+    data = ImageData.load(cfg, cache_root)       # prints what it found and which data path it chose
+    source = data.train_source(device)          # yields augmented, normalised (x, y) batches on the device
+
+Layouts: (a) one sub-folder per class, (b) train/ val/ test/ folders each laid out like (a), (c) a CSV with a path
+column and a label column (paths relative to the CSV). Small images are decoded once into a uint8 tensor cache on
+disk, keyed by a fingerprint of the files, and augmented as whole batches on the device; large images stream through
+DataLoader workers with torchvision transforms.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nnforge.config import ImageTrainConfig
+from nnforge.data.cache import TensorCache, fingerprint_files
+from nnforge.data.imageio import ImageCheck, check_image, read_image
+from nnforge.data.splits import stratified_split
+from nnforge.engine.seeding import derived_generator
+
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+TENSOR_CACHE_MAX_SIDE = 96  # above this, decoded images are too big to keep in memory: stream them
+
+
+class DataError(ValueError):
+    """The data set cannot be used as given; the message names the file or folder."""
+
+
+@dataclass
+class Sample:
+    path: str  # absolute
+    label: str
+    split: str  # train | val | test, from the layout (the split for "train" may still carve val/test from it)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# finding files
+
+
+def _class_folder_samples(root: Path, split: str) -> list[Sample]:
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders; expected one folder per class holding its images")
+    out = []
+    for c in classes:
+        files = sorted(f for f in c.rglob("*") if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise DataError(f"{c}: class folder '{c.name}' is empty")
+        out += [Sample(str(f.resolve()), c.name, split) for f in files]
+    return out
+
+
+def _csv_samples(csv_path: Path, path_col: str, label_col: str) -> list[Sample]:
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        for col in (path_col, label_col):
+            if col not in cols:
+                raise DataError(f"{csv_path}: no column '{col}'; columns are {cols} (set --path-col/--label-col)")
+        out = []
+        for line, row in enumerate(reader, start=2):
+            p, y = (row.get(path_col) or "").strip(), (row.get(label_col) or "").strip()
+            if not p or not y:
+                raise DataError(f"{csv_path}:{line}: empty '{path_col}' or '{label_col}'")
+            split = SPLIT_NAMES.get((row.get("split") or "train").strip().lower(), "train")
+            out.append(Sample(str((csv_path.parent / p).resolve()), y, split))
+    return out
+
+
+def find_samples(data: str | Path, path_col: str = "path", label_col: str = "label") -> list[Sample]:
+    root = Path(data)
+    if not root.exists():
+        raise DataError(f"{root}: no such file or folder")
+    if root.is_file():
+        if root.suffix.lower() not in (".csv", ".tsv"):
+            raise DataError(f"{root}: expected a folder of class folders or a CSV of paths and labels")
+        samples = _csv_samples(root, path_col, label_col)
+    else:
+        subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+        split_dirs = {SPLIT_NAMES[n]: p for n, p in subdirs.items() if n in SPLIT_NAMES}
+        if "train" in split_dirs:  # layout (b)
+            samples = [s for split, p in split_dirs.items() for s in _class_folder_samples(p, split)]
+        else:
+            samples = _class_folder_samples(root, "train")
+    if not samples:
+        raise DataError(f"{root}: no images found")
+    return samples
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checking and splitting
+
+
+def check_all(paths: list[str], min_size: int, workers: int) -> list[ImageCheck]:
+    if workers <= 1 or len(paths) < 256:
+        return [check_image(p, min_size) for p in paths]
+    with ProcessPoolExecutor(workers) as ex:
+        return list(ex.map(check_image, paths, [min_size] * len(paths), chunksize=256))
+
+
+def _duplicates(samples: list[Sample], checks: list[ImageCheck]) -> list[dict]:
+    by_hash: dict[str, list[int]] = defaultdict(list)
+    for i, c in enumerate(checks):
+        if c.ok:
+            by_hash[c.sha256].append(i)
+    out = []
+    for h, idx in by_hash.items():
+        if len(idx) > 1:
+            splits = sorted({samples[i].split for i in idx})
+            out.append({"sha256": h, "paths": [samples[i].path for i in idx], "splits": splits,
+                        "labels": sorted({samples[i].label for i in idx}), "leak": len(splits) > 1})
+    return out
+
+
+def _assign_splits(samples: list[Sample], cfg: ImageTrainConfig) -> None:
+    """Carve val and test out of the training pool when the layout did not give them (stratified, seeded)."""
+    present = {s.split for s in samples}
+    fractions = {k: f for k, f in (("val", cfg.val_split), ("test", cfg.test_split)) if k not in present and f > 0}
+    if not fractions:
+        return
+    pool = [i for i, s in enumerate(samples) if s.split == "train"]
+    parts = stratified_split([samples[i].label for i in pool], fractions, cfg.seed)
+    for split, idx in parts.items():
+        for j in idx:
+            samples[pool[j]].split = split
+
+
+# --------------------------------------------------------------------------------------------------------------
+# batches
+
+
+def normalise(x_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x_u8.float().div_(255) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+    """Batch augmentation on the device: pad by `pad` (zeros) and crop back at a random offset; random h-flip."""
+    b, _, h, w = x.shape
+    if pad > 0:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, W)
+        x = xp[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    if flip:
+        mask = (torch.rand(b, generator=g) < 0.5).to(x.device)
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def epoch_order(labels: torch.Tensor, sampler: str, g: torch.Generator) -> torch.Tensor:
+    n = len(labels)
+    if sampler == "balanced":  # every class equally likely; with replacement, so rare classes repeat
+        counts = torch.bincount(labels.cpu())
+        weights = (1.0 / counts.float())[labels.cpu()]
+        return torch.multinomial(weights, n, replacement=True, generator=g)
+    return torch.randperm(n, generator=g)
+
+
+class TensorBatches:
+    """Training batches from a uint8 tensor already in memory (on the training device)."""
+
+    def __init__(self, images, labels, batch_size, seed, mean, std, pad, flip, sampler):
+        self.images, self.labels, self.bs, self.seed = images, labels, batch_size, seed
+        self.mean, self.std, self.pad, self.flip, self.sampler = mean, std, pad, flip, sampler
+
+    def __len__(self) -> int:
+        return max(1, len(self.labels) // self.bs)  # drop the ragged last batch: BatchNorm dislikes tiny ones
+
+    def epoch(self, epoch: int, start: int = 0):
+        order = epoch_order(self.labels, self.sampler, derived_generator(self.seed, epoch)).to(self.labels.device)
+        for b in range(start, len(self)):
+            idx = order[b * self.bs:(b + 1) * self.bs]
+            g = derived_generator(self.seed, epoch, b)
+            x = random_crop_flip(self.images[idx], self.pad, self.flip, g)
+            yield normalise(x, self.mean, self.std), self.labels[idx]
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    """Streams image files; training augmentation is seeded per (seed, epoch, index) so resumes repeat exactly."""
+
+    def __init__(self, paths, labels, channels, size, train, seed):
+        self.paths, self.labels, self.channels, self.size = paths, labels, channels, size
+        self.train, self.seed, self.epoch = train, seed, 0
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if not self.train:
+            return torch.from_numpy(read_image(self.paths[i], self.channels, self.size)), self.labels[i]
+        from PIL import Image
+        from torchvision.transforms import v2
+
+        torch.manual_seed(int(derived_generator(self.seed, self.epoch, i).initial_seed()))
+        with Image.open(self.paths[i]) as img:
+            img = img.convert("L" if self.channels == 1 else "RGB")
+            t = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(self.size, scale=(0.25, 1.0), antialias=True),
+                            v2.RandomHorizontalFlip()])
+            return t(img), self.labels[i]
+
+
+class StreamBatches:
+    def __init__(self, dataset: _FileDataset, batch_size, seed, mean, std, device, workers, sampler):
+        self.ds, self.bs, self.seed, self.mean, self.std = dataset, batch_size, seed, mean, std
+        self.device, self.workers, self.sampler = device, workers, sampler
+        self.labels = torch.tensor(dataset.labels)
+
+    def __len__(self):
+        return max(1, len(self.ds) // self.bs)
+
+    def epoch(self, epoch: int, start: int = 0):
+        self.ds.epoch = epoch
+        order = epoch_order(self.labels, self.sampler, derived_generator(self.seed, epoch))
+        batches = [order[b * self.bs:(b + 1) * self.bs].tolist() for b in range(start, len(self))]
+        loader = torch.utils.data.DataLoader(self.ds, batch_sampler=batches, num_workers=self.workers,
+                                             pin_memory=self.device.type == "cuda")
+        for x, y in loader:
+            yield normalise(x.to(self.device, non_blocking=True), self.mean, self.std), y.to(self.device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the data set
+
+
+class ImageData:
+    kind = "image"
+
+    def __init__(self, samples, classes, channels, size, mean, std, cfg, report, tensors=None, row_of=None):
+        self.samples, self.classes, self.channels, self.size = samples, classes, channels, size
+        self.mean, self.std, self.cfg, self.report = mean, std, cfg, report
+        self.tensors, self.row_of = tensors, row_of  # uint8 (N, C, S, S) cache and sample index -> row
+        self.class_index = {c: i for i, c in enumerate(classes)}
+
+    # ---- construction ----
+    @classmethod
+    def load(cls, cfg: ImageTrainConfig, cache: TensorCache, log=print) -> ImageData:
+        workers = cfg.workers or os.cpu_count() or 1
+        samples = find_samples(cfg.data, cfg.path_col, cfg.label_col)
+        paths = [s.path for s in samples]
+        fp = fingerprint_files(paths, extra=f"min_size={cfg.min_size}")
+        checks = cache.get_json(f"checks-{fp}")
+        if checks is None:
+            log(f"checking {len(paths)} files with {workers} workers ...")
+            checks = [asdict(c) for c in check_all(paths, cfg.min_size, workers)]
+            cache.put_json(f"checks-{fp}", checks)
+        checks = [ImageCheck(**c) for c in checks]
+        skipped = [{"path": c.path, "reason": c.reason} for c in checks if not c.ok]
+        good = [(s, c) for s, c in zip(samples, checks, strict=True) if c.ok]
+        if not good:
+            raise DataError(f"{cfg.data}: no usable images ({len(skipped)} files skipped; first: "
+                            f"{skipped[0]['path']}: {skipped[0]['reason']})")
+        samples, checks = [s for s, _ in good], [c for _, c in good]
+        train_counts = Counter(s.label for s in samples if s.split == "train")
+        data_root = Path(cfg.data).resolve()
+        folder = data_root.parent if data_root.is_file() else data_root
+        for label in sorted({s.label for s in samples}):
+            if train_counts[label] < 2:
+                where = data_root if data_root.is_file() else next(
+                    (Path(s.path).parent for s in samples if s.label == label), folder)
+                raise DataError(f"class '{label}' ({where}) has {train_counts[label]} usable training image(s); "
+                                "every class needs at least 2")
+        classes = sorted(train_counts)
+        unknown = sorted({s.label for s in samples} - set(classes))
+        if unknown:
+            raise DataError(f"{cfg.data}: classes {unknown} appear in val/test but not in train")
+        _assign_splits(samples, cfg)
+        dups = _duplicates(samples, checks)
+
+        channels = 1 if all(c.mode in ("L", "1", "I", "I;16", "F") for c in checks) else 3
+        size = cfg.img_size or _common_side(checks)
+        mode = cfg.cache if cfg.cache != "auto" else ("tensor" if size <= TENSOR_CACHE_MAX_SIDE else "stream")
+        counts = {sp: dict(sorted(Counter(s.label for s in samples if s.split == sp).items()))
+                  for sp in ("train", "val", "test")}
+        report = {"data": str(data_root), "fingerprint": fp, "files": len(paths), "usable": len(samples),
+                  "skipped": skipped, "duplicates": dups, "counts": counts, "channels": channels, "size": size,
+                  "cache": mode}
+        _print_report(report, log)
+
+        tensors = row_of = None
+        if mode == "tensor":
+            key = f"images-{fp}-{channels}x{size}"
+            tensors = cache.get_tensor(key)
+            if tensors is None:
+                log(f"data path: tensor cache (decoding {len(samples)} images once to {channels}x{size} uint8)")
+                tensors = _decode_all([s.path for s in samples], channels, size, workers)
+                cache.put_tensor(key, tensors)
+            else:
+                log(f"data path: tensor cache (reusing {cache.path_of(key)})")
+            row_of = {s.path: i for i, s in enumerate(samples)}
+        else:
+            log(f"data path: streaming {size}x{size} crops through {workers} DataLoader workers")
+        mean, std = _channel_stats(samples, tensors, row_of, channels, size)
+        return cls(samples, classes, channels, size, mean, std, cfg, report, tensors, row_of)
+
+    # ---- what the task needs ----
+    @property
+    def spec(self) -> dict:
+        """Everything predict/serve need to turn a file into the model's input."""
+        return {"kind": "image", "channels": self.channels, "size": self.size,
+                "mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    def model_kwargs(self) -> dict:
+        return {"in_chans": self.channels, "img_size": self.size}
+
+    def split_samples(self, split: str) -> list[Sample]:
+        return [s for s in self.samples if s.split == split]
+
+    def items(self, split: str) -> list[str]:
+        return [s.path for s in self.split_samples(split)]
+
+    def labels(self, split: str) -> torch.Tensor:
+        return torch.tensor([self.class_index[s.label] for s in self.split_samples(split)], dtype=torch.long)
+
+    def split_record(self) -> dict:
+        return {sp: [[s.path, s.label] for s in self.split_samples(sp)] for sp in ("train", "val", "test")}
+
+    def train_source(self, device: torch.device):
+        cfg = self.cfg
+        mean, std = self.mean.to(device), self.std.to(device)
+        labels = self.labels("train")
+        if self.tensors is not None:
+            rows = torch.tensor([self.row_of[s.path] for s in self.split_samples("train")])
+            pad = cfg.crop_pad if cfg.crop_pad is not None else self.size // 8
+            return TensorBatches(self.tensors[rows].to(device), labels.to(device), cfg.batch_size, cfg.seed,
+                                 mean, std, pad, cfg.flip, cfg.sampler)
+        ds = _FileDataset(self.items("train"), labels.tolist(), self.channels, self.size, True, cfg.seed)
+        return StreamBatches(ds, cfg.batch_size, cfg.seed, mean, std, device, cfg.workers or os.cpu_count() or 1,
+                             cfg.sampler)
+
+    def eval_batches(self, split: str, device: torch.device, batch_size: int = 512):
+        """(x, y) batches of a split in order, with no augmentation."""
+        mean, std = self.mean.to(device), self.std.to(device)
+        samples, labels = self.split_samples(split), self.labels(split)
+        for i in range(0, len(samples), batch_size):
+            chunk = samples[i:i + batch_size]
+            if self.tensors is not None:
+                x = self.tensors[torch.tensor([self.row_of[s.path] for s in chunk])]
+            else:
+                x = torch.from_numpy(np.stack([read_image(s.path, self.channels, self.size) for s in chunk]))
+            yield normalise(x.to(device), mean, std), labels[i:i + len(chunk)].to(device)
+
+
+def _common_side(checks: list[ImageCheck]) -> int:
+    side = Counter(min(c.width, c.height) for c in checks).most_common(1)[0][0]
+    return side if side <= TENSOR_CACHE_MAX_SIDE else 224
+
+
+def _decode_one(args) -> np.ndarray:
+    path, channels, size = args
+    return read_image(path, channels, size)
+
+
+def _decode_all(paths: list[str], channels: int, size: int, workers: int) -> torch.Tensor:
+    out = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
+    jobs = [(p, channels, size) for p in paths]
+    if workers > 1 and len(paths) >= 256:
+        with ProcessPoolExecutor(workers) as ex:
+            for i, arr in enumerate(ex.map(_decode_one, jobs, chunksize=256)):
+                out[i] = torch.from_numpy(arr)
+    else:
+        for i, job in enumerate(jobs):
+            out[i] = torch.from_numpy(_decode_one(job))
+    return out
+
+
+def _channel_stats(samples, tensors, row_of, channels, size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean/std of the training split (a sample of up to 2,000 images when streaming)."""
+    train = [s for s in samples if s.split == "train"]
+    if tensors is not None:
+        x = tensors[torch.tensor([row_of[s.path] for s in train])]
+    else:
+        pick = np.random.default_rng(0).choice(len(train), min(2000, len(train)), replace=False)
+        x = torch.from_numpy(np.stack([read_image(train[i].path, channels, size) for i in pick]))
+    x = x.float().div_(255).transpose(0, 1).reshape(channels, -1)  # (C, N*H*W)
+    return x.mean(1), x.std(1).clamp_min(1e-3)
+
+
+def _print_report(r: dict, log) -> None:
+    c = r["counts"]
+    log(f"data: {r['usable']} usable of {r['files']} files, {len(c['train'])} classes; "
+        f"train {sum(c['train'].values())} / val {sum(c['val'].values())} / test {sum(c['test'].values())}; "
+        f"{r['channels']}x{r['size']}x{r['size']}")
+    if r["skipped"]:
+        log(f"skipped {len(r['skipped'])} unusable files (listed in data_report.json):")
+        for s in r["skipped"][:10]:
+            log(f"  {s['path']}: {s['reason']}")
+        if len(r["skipped"]) > 10:
+            log(f"  ... and {len(r['skipped']) - 10} more")
+    leaks = [d for d in r["duplicates"] if d["leak"]]
+    if leaks:
+        log(f"WARNING: {len(leaks)} files appear in more than one split (identical content: leakage), e.g.")
+        for d in leaks[:5]:
+            log(f"  {' == '.join(d['paths'][:3])}")
+    counts = list(c["train"].values())
+    if counts and max(counts) > 3 * min(counts):
+        log(f"note: classes are imbalanced ({min(counts)} to {max(counts)} training images); consider "
+            "--class-weights auto or --sampler balanced")
+    sys.stdout.flush()
+
+
+def class_weights_for(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights, scaled so a balanced data set gets all ones."""
+    counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1)
+    return counts.sum() / (num_classes * counts)
+
+

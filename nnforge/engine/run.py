@@ -1,0 +1,140 @@
+"""A run is a folder: config.yaml, meta.json, metrics.csv, tb/, checkpoints/, eval/.
+
+    run = Run.create("runs", "image", name=None)   # runs/image/exp1, exp2, ...
+    run.log_metrics({"epoch": 1, "val_acc": 0.9})
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nnforge.engine.checkpoint import atomic_write_bytes
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    from nnforge import __version__
+
+    return {
+        "nnforge": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+class Run:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._tb = None
+
+    @classmethod
+    def create(cls, out: str | Path, task: str, name: str | None = None) -> Run:
+        parent = Path(out) / task
+        parent.mkdir(parents=True, exist_ok=True)
+        if name is None:
+            taken = [int(m.group(1)) for p in parent.iterdir() if (m := re.fullmatch(r"exp(\d+)", p.name))]
+            name = f"exp{max(taken, default=0) + 1}"
+        path = parent / name
+        if (path / "checkpoints").exists():
+            raise FileExistsError(f"{path} already holds a run; pick another --name or use --resume {path}")
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    # --- files -------------------------------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.path / "eval"
+
+    def checkpoint(self, which: str = "best") -> Path:
+        return self.checkpoints / f"{which}.safetensors"
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        p = self.path / name
+        atomic_write_bytes(p, json.dumps(obj, indent=2, default=str).encode())
+        return p
+
+    def read_json(self, name: str) -> Any:
+        p = self.path / name
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing; is {self.path} an nnforge run folder?")
+        return json.loads(p.read_text())
+
+    @property
+    def meta(self) -> dict:
+        return self.read_json("meta.json")
+
+    # --- metrics -----------------------------------------------------------------------------------------
+    def log_metrics(self, row: dict[str, Any]) -> None:
+        """Append one row to metrics.csv (header from the first row) and the same scalars to TensorBoard."""
+        self._append_csv(self.path / "metrics.csv", row)
+        tb = self._writer()
+        if tb is not None:
+            step = int(row.get("step", row.get("epoch", 0)))
+            for k, v in row.items():
+                if isinstance(v, int | float) and k not in ("epoch", "step"):
+                    tb.add_scalar(k, v, step)
+            tb.flush()
+
+    def read_metrics(self) -> list[dict[str, str]]:
+        p = self.path / "metrics.csv"
+        if not p.exists():
+            return []
+        with p.open() as f:
+            return list(csv.DictReader(f))
+
+    def truncate_metrics(self, epochs_done: int) -> None:
+        """On resume, drop rows for epochs the checkpoint does not cover (written after it, before a crash)."""
+        rows = self.read_metrics()
+        keep = [r for r in rows if int(r["epoch"]) <= epochs_done]
+        if len(keep) == len(rows):
+            return
+        p = self.path / "metrics.csv"
+        p.unlink()
+        for r in keep:
+            self._append_csv(p, r)
+
+    @staticmethod
+    def _append_csv(p: Path, row: dict) -> None:
+        new = not p.exists()
+        with p.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def _writer(self):
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
+                self._tb = False
+                return None
+            self._tb = SummaryWriter(str(self.path / "tb"))
+        return self._tb or None
+
+    def close(self) -> None:
+        if self._tb:
+            self._tb.close()
+        self._tb = None
