@@ -74,7 +74,7 @@ def _cmd_train(a) -> int:
     from nnforge import api
 
     overrides = {k: v for k, v in vars(a).items() if k not in ("command", "task", "config", "resume")}
-    if a.resume is None and overrides.get("data") is None:
+    if a.resume is None and a.config is None and overrides.get("data") is None:
         raise ValueError("--data is required (or --config with a data key, or --resume RUN)")
     run = api.train(a.task, config=a.config, resume=a.resume, **overrides)
     print(run.path)

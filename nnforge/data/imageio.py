@@ -89,7 +89,7 @@ def to_array(img: Image.Image, channels: int, size: int) -> np.ndarray:
         img = img.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None if max(w, h) < 4 * size else 3.0)
         left, top = (nw - size) // 2, (nh - size) // 2
         img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.array(img, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1).copy()
 
 

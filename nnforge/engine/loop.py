@@ -184,7 +184,7 @@ def fit(
             t0 = time.perf_counter()
             bar = tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        unit="step", file=sys.stderr, mininterval=0.5, disable=not sys.stderr.isatty(), leave=False)
-            lr = 0.0
+            lr = lr_at(max(0, state.step - 1), total_steps, cfg.lr, warmup, cfg.schedule)  # logged if no step runs
             for x, y in source.epoch(epoch, start=state.batch_in_epoch):
                 lr = lr_at(state.step, total_steps, cfg.lr, warmup, cfg.schedule)
                 for g in opt.param_groups:

@@ -12,8 +12,7 @@ _HOME = {"classification_metrics": "metrics", "format_classification_report": "m
 
 
 def __getattr__(name):
-    # Lazy, so that `from nnforge.evaluation.metrics import classification_metrics` in a training loop does not
-    # pay for importing matplotlib.
+    # Lazy, so that a training loop importing nnforge.evaluation.metrics does not pay for matplotlib.
     if name in _HOME:
         import importlib
 

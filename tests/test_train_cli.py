@@ -1,0 +1,143 @@
+"""End to end through the real command line: train, evaluate, predict on a PNG tree with bad files in it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import make_png_tree
+
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def nnforge(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, "-m", "nnforge.cli", *args], capture_output=True, text=True, env=ENV,
+                       timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"nnforge {' '.join(args)} exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def test_train_evaluate_predict_end_to_end(png_tree, tmp_path):
+    before = {p: p.read_bytes() for p in png_tree.rglob("*") if p.is_file()}
+    out = tmp_path / "runs"
+    p = nnforge("train", "image", "--data", str(png_tree), "--epochs", "2", "--batch-size", "8", "--out", str(out),
+                "--name", "e2e", "--workers", "1", "--precision", "fp32")
+    run = out / "image" / "e2e"
+    assert Path(p.stdout.strip().splitlines()[-1]) == run
+    # every bad file is reported with a reason, on screen and in the run
+    report = json.loads((run / "data_report.json").read_text())
+    skipped = {Path(s["path"]).name: s["reason"] for s in report["skipped"]}
+    assert set(skipped) == {"zero.png", "notes.txt", "truncated.png", "corrupt.png"}
+    assert "empty" in skipped["zero.png"]
+    assert "not an image" in skipped["notes.txt"]
+    assert "truncated" in skipped["truncated.png"] or "corrupt" in skipped["truncated.png"]
+    for name in skipped:
+        assert name in p.stderr
+    assert "tensor cache" in p.stderr
+    # source files are never modified
+    assert {q: q.read_bytes() for q in png_tree.rglob("*") if q.is_file()} == before
+    # the run folder is complete
+    for f in ("config.yaml", "meta.json", "metrics.csv", "split.json", "checkpoints/last.safetensors",
+              "checkpoints/best.safetensors", "eval/report.json", "eval/classification_report.txt"):
+        assert (run / f).is_file(), f
+    assert any((run / "tb").iterdir())
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["classes"] == ["circle", "cross", "stripes"] and meta["spec"]["channels"] == 1
+
+    ev = nnforge("evaluate", str(run))
+    assert 0.0 <= json.loads(ev.stdout)["accuracy"] <= 1.0
+    cm = json.loads((run / "eval" / "report.json").read_text())["confusion_matrix"]
+    assert sum(map(sum, cm)) == len(json.loads((run / "split.json").read_text())["test"])
+
+    preds = tmp_path / "preds.csv"
+    pr = nnforge("predict", str(run), str(png_tree / "circle"), "--top-k", "2", "--output", str(preds))
+    rows = list(csv.DictReader(preds.open()))
+    good = [r for r in rows if not r["error"]]
+    bad = {Path(r["input"]).name for r in rows if r["error"]}
+    assert bad == {"zero.png", "corrupt.png"}  # reported and skipped, the rest predicted
+    assert len(good) == 16 and all(r["label_1"] in meta["classes"] for r in good)
+    assert all(float(r["prob_1"]) >= float(r["prob_2"]) for r in good)
+    assert "skipped" in pr.stderr
+    js = tmp_path / "preds.json"
+    nnforge("predict", str(run), str(png_tree / "cross" / "000.png"), "--output", str(js))
+    assert len(json.loads(js.read_text())["predictions"][0]["labels"]) == 3
+
+
+def test_clear_errors_name_the_problem(tmp_path):
+    empty_class = make_png_tree(tmp_path / "a", per_class=4, bad_files=False)
+    (empty_class / "nothing").mkdir()
+    p = nnforge("train", "image", "--data", str(empty_class), "--out", str(tmp_path / "r"), check=False)
+    assert p.returncode == 2 and "nothing" in p.stderr and "empty" in p.stderr
+
+    lonely = make_png_tree(tmp_path / "b", per_class=4, bad_files=False)
+    (lonely / "single").mkdir()
+    (lonely / "single" / "x.png").write_bytes((lonely / "circle" / "000.png").read_bytes())
+    p = nnforge("train", "image", "--data", str(lonely), "--out", str(tmp_path / "r"), check=False)
+    assert p.returncode == 2 and "single" in p.stderr and "at least 2" in p.stderr
+
+    nothing = tmp_path / "c" / "cls"
+    nothing.mkdir(parents=True)
+    (nothing / "a.txt").write_text("x")
+    (nothing / "b.txt").write_text("y")
+    p = nnforge("train", "image", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "r"), check=False)
+    assert p.returncode == 2 and "no usable images" in p.stderr
+
+    p = nnforge("train", "image", "--data", str(empty_class), "--epochs", "two", check=False)
+    assert p.returncode == 2 and "epochs" in p.stderr
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("data: x\nepochz: 3\n")
+    p = nnforge("train", "image", "--config", str(cfg), check=False)
+    assert p.returncode == 2 and "unknown key 'epochz'" in p.stderr and "epochs" in p.stderr
+
+
+def test_layouts_split_folders_and_csv(tmp_path):
+    root = tmp_path / "splits"
+    make_png_tree(root / "train", per_class=8, bad_files=False)
+    make_png_tree(root / "test", per_class=3, seed=1, bad_files=False)
+    # a train image copied into test: exact-duplicate leakage must be reported
+    (root / "test" / "circle" / "leak.png").write_bytes((root / "train" / "circle" / "000.png").read_bytes())
+    from nnforge.config import ImageTrainConfig
+    from nnforge.data.cache import TensorCache
+    from nnforge.data.images import ImageData
+
+    msgs = []
+    data = ImageData.load(ImageTrainConfig(data=str(root), workers=1), TensorCache(tmp_path / "c"), log=msgs.append)
+    assert sum(data.report["counts"]["test"].values()) == 10
+    assert sum(data.report["counts"]["val"].values()) == 3  # 10% of each class carved from train
+    leaks = [d for d in data.report["duplicates"] if d["leak"]]
+    assert len(leaks) == 1 and {"train", "test"} == set(leaks[0]["splits"])
+    assert any("leakage" in m for m in msgs)
+
+    rows = ["path,label"] + [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted(root.rglob("*.png"))]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    data = ImageData.load(ImageTrainConfig(data=str(tmp_path / "list.csv"), workers=1, seed=3),
+                          TensorCache(tmp_path / "c"), log=msgs.append)
+    assert data.classes == ["circle", "cross", "stripes"] and data.report["usable"] == 34
+    assert all(sum(data.report["counts"][s].values()) > 0 for s in ("train", "val", "test"))
+
+
+def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path):
+    root = make_png_tree(tmp_path / "d", per_class=4, bad_files=False)
+    from nnforge.config import ImageTrainConfig
+    from nnforge.data.cache import TensorCache
+    from nnforge.data.images import ImageData
+
+    cache = TensorCache(tmp_path / "cache")
+    msgs = []
+    ImageData.load(ImageTrainConfig(data=str(root), workers=1), cache, log=msgs.append)
+    assert any("decoding" in m for m in msgs)
+    msgs.clear()
+    ImageData.load(ImageTrainConfig(data=str(root), workers=1), cache, log=msgs.append)
+    assert any("reusing" in m for m in msgs)
+    (root / "circle" / "000.png").unlink()
+    msgs.clear()
+    d = ImageData.load(ImageTrainConfig(data=str(root), workers=1), cache, log=msgs.append)
+    assert any("decoding" in m for m in msgs) and d.report["usable"] == 11
