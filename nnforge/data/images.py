@@ -27,6 +27,7 @@ from nnforge.config import ImageTrainConfig
 from nnforge.data.cache import TensorCache, fingerprint_files
 from nnforge.data.imageio import ImageCheck, check_image, read_image
 from nnforge.data.splits import stratified_split
+from nnforge.engine.progress import Progress
 from nnforge.engine.seeding import derived_generator
 
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -102,11 +103,29 @@ def find_samples(data: str | Path, path_col: str = "path", label_col: str = "lab
 # checking and splitting
 
 
+def _parallel_map(fn, jobs: list, workers: int, desc: str) -> list:
+    """fn over jobs in worker processes (in order), with progress; small jobs run inline."""
+    bar = Progress(len(jobs), desc, "files", every_s=10.0)
+    out = []
+    if workers <= 1 or len(jobs) < 256:
+        for j in jobs:
+            out.append(fn(j))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(workers) as ex:
+            for r in ex.map(fn, jobs, chunksize=256):
+                out.append(r)
+                bar.update()
+    bar.close()
+    return out
+
+
+def _check_one(job: tuple[str, int]) -> ImageCheck:
+    return check_image(*job)
+
+
 def check_all(paths: list[str], min_size: int, workers: int) -> list[ImageCheck]:
-    if workers <= 1 or len(paths) < 256:
-        return [check_image(p, min_size) for p in paths]
-    with ProcessPoolExecutor(workers) as ex:
-        return list(ex.map(check_image, paths, [min_size] * len(paths), chunksize=256))
+    return _parallel_map(_check_one, [(p, min_size) for p in paths], workers, "checking")
 
 
 def _duplicates(samples: list[Sample], checks: list[ImageCheck]) -> list[dict]:
@@ -364,16 +383,8 @@ def _decode_one(args) -> np.ndarray:
 
 
 def _decode_all(paths: list[str], channels: int, size: int, workers: int) -> torch.Tensor:
-    out = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
-    jobs = [(p, channels, size) for p in paths]
-    if workers > 1 and len(paths) >= 256:
-        with ProcessPoolExecutor(workers) as ex:
-            for i, arr in enumerate(ex.map(_decode_one, jobs, chunksize=256)):
-                out[i] = torch.from_numpy(arr)
-    else:
-        for i, job in enumerate(jobs):
-            out[i] = torch.from_numpy(_decode_one(job))
-    return out
+    arrays = _parallel_map(_decode_one, [(p, channels, size) for p in paths], workers, "decoding")
+    return torch.from_numpy(np.stack(arrays))
 
 
 def _channel_stats(samples, tensors, row_of, channels, size) -> tuple[torch.Tensor, torch.Tensor]:

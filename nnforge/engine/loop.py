@@ -22,12 +22,12 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from nnforge.config import EngineConfig
 from nnforge.engine.checkpoint import load_checkpoint, save_checkpoint
 from nnforge.engine.device import autocast, resolve_precision
 from nnforge.engine.optim import build_optimizer, optimizer_from_flat, optimizer_to_flat
+from nnforge.engine.progress import Progress
 from nnforge.engine.run import Run
 from nnforge.engine.schedule import lr_at
 from nnforge.engine.seeding import rng_state, set_rng_state
@@ -182,8 +182,7 @@ def fit(
             correct = torch.tensor(state.correct, dtype=torch.int64, device=device)
             seen = seen_at_start = state.seen
             t0 = time.perf_counter()
-            bar = tqdm(total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="step", file=sys.stderr, mininterval=0.5, disable=not sys.stderr.isatty(), leave=False)
+            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step", initial=state.batch_in_epoch)
             lr = lr_at(max(0, state.step - 1), total_steps, cfg.lr, warmup, cfg.schedule)  # logged if no step runs
             for x, y in source.epoch(epoch, start=state.batch_in_epoch):
                 lr = lr_at(state.step, total_steps, cfg.lr, warmup, cfg.schedule)
@@ -215,8 +214,7 @@ def fit(
                             "a --clip-grad value, or --precision fp32."
                         )
                     rate = (seen - seen_at_start) / max(1e-9, time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{running:.4f}", acc=f"{correct.item() / seen:.3f}",
-                                    ex_s=f"{rate:.0f}", refresh=False)
+                    bar.update(0, loss=f"{running:.4f}", acc=f"{correct.item() / seen:.3f}", ex_s=f"{rate:.0f}")
                 bar.update(1)
                 if stop.requested:
                     state.loss_sum, state.correct, state.seen = loss_sum.item(), int(correct.item()), seen

@@ -26,6 +26,8 @@ from nnforge.engine.device import autocast, resolve_device, resolve_precision
 from nnforge.engine.loop import fit
 from nnforge.engine.run import Run, git_commit, versions
 from nnforge.engine.seeding import seed_everything
+from nnforge.evaluation.metrics import write_evaluation
+from nnforge.evaluation.report import write_report
 from nnforge.models import create_model, get_entry
 
 
@@ -120,6 +122,8 @@ def train_classifier(cfg: EngineConfig, resume: str | None = None) -> Run:
     _log(f"best {cfg.monitor} {state.best:.4f} at epoch {state.best_epoch}; checkpoints in {run.checkpoints}")
     if data.labels("test").numel():
         evaluate_run(run.path, device=cfg.device)
+    else:
+        _log(f"report: {write_report(run.path)} (no test split: evaluate with --data to add test metrics)")
     return run
 
 
@@ -241,8 +245,6 @@ def evaluate_run(run_path: str | Path, data: str | None = None, device: str = "a
         torch.softmax(torch.from_numpy(pred.logits(pred.preprocessor.batch(arrays[i:i + 512]))), 1).numpy()
         for i in range(0, len(arrays), 512)])
     y_true = np.array([y for _, y in keep])
-    from nnforge.evaluation.metrics import write_evaluation
-
     report = write_evaluation(run.eval_dir, y_true, probs, pred.classes, [str(i) for i, _ in keep],
                               pred.spec["kind"], split=split_name)
     if skipped:
@@ -251,10 +253,5 @@ def evaluate_run(run_path: str | Path, data: str | None = None, device: str = "a
     _log(f"evaluate: {len(keep)} examples, accuracy {acc:.4f}"
          + "".join(f", top-{k} {v:.4f}" for k, v in report.get("top_k_accuracy", {}).items())
          + (f" ({len(skipped)} unreadable skipped)" if skipped else "") + f"; details in {run.eval_dir}")
-    try:
-        from nnforge.evaluation.report import write_report
-
-        write_report(run.path)
-    except ImportError:
-        pass
+    _log(f"report: {write_report(run.path)}")
     return report

@@ -1,0 +1,240 @@
+"""Training speed on Fashion-MNIST as a PNG tree, side by side in one invocation.
+
+    python benchmarks/train_speed.py --data data/fashion-mnist tutorial    # tutorial pipeline vs nnforge, seed_cnn
+    python benchmarks/train_speed.py --data data/fashion-mnist engine      # nnforge loop vs a hand-written loop
+    python benchmarks/train_speed.py --data data/fashion-mnist recipe --seeds 0 1 2 --epochs 6
+
+tutorial: torchvision ImageFolder + per-sample ToTensor + DataLoader(batch 16) + the tutorial's SGD loop, against
+`nnforge train image --model seed_cnn` with nnforge's defaults; one training epoch each (no evaluation in either),
+plus achieved GFLOP/s against the CPU's peak. engine: the same model, the same in-memory batches, nnforge's `fit`
+against a minimal loop doing the same arithmetic. recipe: the default model and recipe, test accuracy per seed and
+wall time of the whole `train` call (cache warm). Peak memory is the process's max RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nnforge.config import ImageTrainConfig  # noqa: E402
+from nnforge.engine.device import autocast, cpu_has_fast_bf16  # noqa: E402
+from nnforge.models import create_model  # noqa: E402
+
+
+def max_rss_mb(children: bool = False) -> float:
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def cpu_peak_gflops() -> dict[str, float]:
+    """Theoretical peaks for this machine's cores at the nominal clock (from /proc/cpuinfo)."""
+    mhz = max(float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz"))
+    cores = os.cpu_count() or 1
+    ghz = mhz / 1000
+    return {
+        "clock_ghz": round(ghz, 2), "cores": cores,
+        "fp32_avx2_fma": cores * ghz * 2 * 8 * 2,  # 2 FMA ports x 8 fp32 lanes x 2 flops
+        "fp32_avx512_fma": cores * ghz * 2 * 16 * 2,
+        "bf16_amx": cores * ghz * 1024 * 2 if cpu_has_fast_bf16() else 0.0,  # 1024 bf16 MACs/cycle/core
+    }
+
+
+def flops_per_image(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
+    """Forward + backward FLOPs per image, counted by torch's FlopCounterMode on a batch of 8."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(8, *shape)
+    with FlopCounterMode(display=False) as fc:
+        model(x).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return fc.get_total_flops() / 8
+
+
+def tutorial_epoch(train_dir: Path, workers: int) -> dict:
+    """The well-known tutorial's pipeline: ImageFolder, per-sample ToTensor/Normalize, batch 16, SGD 0.001/0.9."""
+    import torchvision
+    from torchvision import transforms
+
+    tf = transforms.Compose([transforms.Grayscale(), transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    ds = torchvision.datasets.ImageFolder(str(train_dir), transform=tf)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True, num_workers=workers)
+    torch.manual_seed(0)
+    net = create_model("seed_cnn", len(ds.classes), in_chans=1, img_size=28)
+    opt = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
+    t0 = time.perf_counter()
+    n = 0
+    for x, y in loader:
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        n += len(y)
+    dt = time.perf_counter() - t0
+    return {"images": n, "seconds": dt, "images_per_s": n / dt}
+
+
+def nnforge_epoch(data: Path, model: str, out: Path, epochs: int = 1, seed: int = 0, **kw) -> dict:
+    """`nnforge train` in a subprocess; the epoch time is the training part only, from metrics.csv."""
+    name = f"{model}-s{seed}-{time.time_ns()}"
+    cmd = [sys.executable, "-m", "nnforge.cli", "train", "image", "--data", str(data), "--model", model,
+           "--epochs", str(epochs), "--seed", str(seed), "--out", str(out), "--name", name]
+    for k, v in kw.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    import csv
+    import json
+
+    run = out / "image" / name
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    report = json.loads((run / "eval" / "report.json").read_text())
+    return {"wall_s": wall, "epoch_s": [float(r["epoch_time_s"]) for r in rows],
+            "images_per_s": [float(r["examples_per_s"]) for r in rows], "test_acc": report["accuracy"],
+            "val_acc": [float(r["val_acc"]) for r in rows], "run": str(run)}
+
+
+def cmd_tutorial(a) -> None:
+    out = Path(tempfile.mkdtemp(prefix="nnforge-bench-"))
+    train_dir = Path(a.data) / "train"
+    peaks = cpu_peak_gflops()
+    net = create_model("seed_cnn", 10, in_chans=1, img_size=28)
+    fpi = flops_per_image(net, (1, 28, 28))
+    # warm the tensor cache first, so the nnforge epoch measures training, not the one-off decode
+    t0 = time.perf_counter()
+    nnforge_epoch(Path(a.data), "seed_cnn", out, epochs=1, val_split=0.0)
+    cold = time.perf_counter() - t0
+    nn = nnforge_epoch(Path(a.data), "seed_cnn", out, epochs=1, val_split=0.0)
+    tut = tutorial_epoch(train_dir, a.workers)
+    nn_rate = nn["images_per_s"][0]
+    print(f"\n== tutorial pipeline vs nnforge, seed_cnn, one training epoch of {tut['images']} images ==")
+    print(f"tutorial (ImageFolder + ToTensor, batch 16): {tut['seconds']:.1f} s  ({tut['images_per_s']:.0f} img/s)")
+    print(f"nnforge  (tensor cache, batch 256, defaults): {nn['epoch_s'][0]:.1f} s  ({nn_rate:.0f} img/s); "
+          f"first run incl. checking+decoding 60k PNGs: {cold:.1f} s wall")
+    print(f"ratio (tutorial epoch / nnforge epoch): {tut['seconds'] / nn['epoch_s'][0]:.2f}x")
+    print(f"seed_cnn: {fpi / 1e6:.2f} MFLOP per image (forward+backward)")
+    print(f"achieved: tutorial {tut['images_per_s'] * fpi / 1e9:.1f} GFLOP/s, nnforge {nn_rate * fpi / 1e9:.1f} GFLOP/s")
+    print(f"peaks at {peaks['clock_ghz']} GHz x {peaks['cores']} cores: fp32 AVX2 FMA {peaks['fp32_avx2_fma']:.0f}, "
+          f"fp32 AVX-512 FMA {peaks['fp32_avx512_fma']:.0f}, bf16 AMX {peaks['bf16_amx']:.0f} GFLOP/s")
+    print(f"nnforge at {100 * nn_rate * fpi / 1e9 / peaks['fp32_avx2_fma']:.1f}% of the AVX2 FMA peak")
+    print(f"peak RSS: benchmark process {max_rss_mb():.0f} MB, largest child {max_rss_mb(True):.0f} MB")
+
+
+class _Batches:
+    def __init__(self, xs, ys):
+        self.xs, self.ys = xs, ys
+
+    def __len__(self):
+        return len(self.xs)
+
+    def epoch(self, epoch, start=0):
+        yield from zip(self.xs[start:], self.ys[start:], strict=True)
+
+
+def cmd_engine(a) -> None:
+    """fit() vs a minimal loop: same model init, same batches, same optimizer settings and precision."""
+    from nnforge.engine.device import resolve_precision
+    from nnforge.engine.loop import fit
+    from nnforge.engine.optim import build_optimizer
+    from nnforge.engine.run import Run
+
+    device = torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    steps, bs = a.steps, 256
+    xs = [torch.randn(bs, 1, 28, 28, generator=g).contiguous(memory_format=torch.channels_last) for _ in range(steps)]
+    ys = [torch.randint(0, 10, (bs,), generator=g) for _ in range(steps)]
+    cfg = ImageTrainConfig(data="-", epochs=1, warmup_epochs=0.0, model=a.model)
+    amp = resolve_precision(cfg.precision, device)
+
+    def hand_loop() -> float:
+        torch.manual_seed(0)
+        model = create_model(a.model, 10, in_chans=1, img_size=28).to(memory_format=torch.channels_last)
+        opt = build_optimizer(model, cfg)
+        t0 = time.perf_counter()
+        for x, y in zip(xs, ys, strict=True):
+            with autocast(device, amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        loss.item()
+        return time.perf_counter() - t0
+
+    def engine() -> float:
+        torch.manual_seed(0)
+        model = create_model(a.model, 10, in_chans=1, img_size=28)
+        run = Run(tempfile.mkdtemp(prefix="nnforge-engine-"))
+        t0 = time.perf_counter()
+        fit(model, _Batches(xs, ys), lambda m: {"val_acc": 0.0, "val_loss": 0.0}, cfg, run, device=device,
+            ckpt_meta={})
+        return time.perf_counter() - t0
+
+    hand_loop()  # warm-up: oneDNN builds its kernels on first use
+    times = {"hand": [], "engine": []}
+    for _ in range(a.repeats):  # interleaved, so drift in machine load hits both
+        times["hand"].append(hand_loop())
+        times["engine"].append(engine())
+    h, e = statistics.median(times["hand"]), statistics.median(times["engine"])
+    print(f"\n== nnforge fit() vs a hand-written loop: {a.model}, {steps} steps of {bs}, {amp or 'fp32'} ==")
+    print(f"hand loop: median {h:.2f} s ({steps * bs / h:.0f} img/s)  runs {[round(t, 2) for t in times['hand']]}")
+    print(f"engine:    median {e:.2f} s ({steps * bs / e:.0f} img/s)  runs {[round(t, 2) for t in times['engine']]}")
+    print("engine time includes its once-per-epoch evaluation stub, metrics row and two checkpoint writes")
+    print(f"throughput ratio engine / hand loop: {h / e:.3f}")
+    print(f"peak RSS {max_rss_mb():.0f} MB")
+
+
+def cmd_recipe(a) -> None:
+    out = Path(tempfile.mkdtemp(prefix="nnforge-recipe-"))
+    nnforge_epoch(Path(a.data), "resnet_tiny", out, epochs=1, seed=99)  # warm the cache (decode once)
+    res = []
+    for seed in a.seeds:
+        r = nnforge_epoch(Path(a.data), "resnet_tiny", out, epochs=a.epochs, seed=seed)
+        res.append(r)
+        print(f"seed {seed}: test acc {r['test_acc']:.4f}, wall {r['wall_s']:.0f} s, "
+              f"epochs {[round(t) for t in r['epoch_s']]} s, val {[round(v, 4) for v in r['val_acc']]}", flush=True)
+    accs = [r["test_acc"] for r in res]
+    walls = [r["wall_s"] for r in res]
+    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    print(f"\n== default recipe (resnet_tiny, {a.epochs} epochs), {len(accs)} seeds ==")
+    print(f"test accuracy {100 * statistics.mean(accs):.2f} ± {100 * sd:.2f} %  "
+          f"(per seed {[round(100 * x, 2) for x in accs]})")
+    print(f"wall time per run {statistics.mean(walls):.0f} s (max {max(walls):.0f} s; budget 300 s)")
+    print(f"peak RSS of the largest train process {max_rss_mb(True):.0f} MB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(ROOT / "data" / "fashion-mnist"))
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tutorial")
+    t.add_argument("--workers", type=int, default=2, help="DataLoader workers for the tutorial (it uses 2)")
+    e = sub.add_parser("engine")
+    e.add_argument("--model", default="resnet_tiny")
+    e.add_argument("--steps", type=int, default=60)
+    e.add_argument("--repeats", type=int, default=3)
+    r = sub.add_parser("recipe")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--epochs", type=int, default=6)
+    a = ap.parse_args()
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f}")
+    {"tutorial": cmd_tutorial, "engine": cmd_engine, "recipe": cmd_recipe}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
