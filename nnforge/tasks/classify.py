@@ -59,6 +59,9 @@ def load_weights(model: nn.Module, source: str, model_name: str) -> None:
         sd = load_state_dict_file(p)
     head = get_entry(model_name).head + "."
     own = model.state_dict()
+    for k, v in sd.items():  # an RGB stem into a grayscale model: sum the kernels over the colour channels
+        if k in own and v.dim() == 4 and own[k].shape[1] == 1 and v.shape[1] == 3 and own[k].shape[0] == v.shape[0]:
+            sd[k] = v.sum(1, keepdim=True)
     usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and not k.startswith(head)}
     if not usable:
         raise CheckpointError(f"{source}: no tensor matches {model_name} by name and shape; wrong architecture?")
@@ -234,16 +237,22 @@ def evaluate_run(run_path: str | Path, data: str | None = None, device: str = "a
     items, labels = _test_items(run, data, pred.spec["kind"], pred.classes)
     if not items:
         raise ValueError(f"{run.path}: no test examples to evaluate (pass --data)")
-    keep, skipped, arrays = [], [], []
-    for item, y in zip(items, labels, strict=True):
-        try:
-            arrays.append(pred._load(item))
-            keep.append((item, y))
-        except InputError as err:
-            skipped.append({"path": str(item), "reason": str(err)})
-    probs = np.concatenate([
-        torch.softmax(torch.from_numpy(pred.logits(pred.preprocessor.batch(arrays[i:i + 512]))), 1).numpy()
-        for i in range(0, len(arrays), 512)])
+    keep, skipped, probs = [], [], []
+    for start in range(0, len(items), 512):  # decode a chunk, predict it, let it go: memory stays bounded
+        arrays = []
+        for item, y in zip(items[start:start + 512], labels[start:start + 512], strict=True):
+            try:
+                arrays.append(pred._load(item))
+                keep.append((item, y))
+            except InputError as err:
+                skipped.append({"path": str(item), "reason": str(err)})
+        if arrays:
+            logits = torch.from_numpy(pred.logits(pred.preprocessor.batch(arrays)))
+            probs.append(torch.softmax(logits, 1).numpy())
+    if not keep:
+        raise ValueError(f"none of the {len(items)} examples could be read (first: {skipped[0]['path']}: "
+                         f"{skipped[0]['reason']})")
+    probs = np.concatenate(probs)
     y_true = np.array([y for _, y in keep])
     report = write_evaluation(run.eval_dir, y_true, probs, pred.classes, [str(i) for i, _ in keep],
                               pred.spec["kind"], split=split_name)
