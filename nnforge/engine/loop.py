@@ -169,6 +169,7 @@ def fit(
         meta = dict(ckpt_meta, state=asdict(state), optimizer=opt_j, rng=rng_j, config=cfg.model_dump(mode="json"))
         save_checkpoint(run.checkpoint(which), tensors, meta)
 
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     run_start = time.perf_counter()
     epochs_at_start = state.epoch
     with _StopFlag() as stop:
@@ -178,7 +179,7 @@ def fit(
             for name, p in model.named_parameters():
                 p.requires_grad_(not frozen or any(name.startswith(h) for h in head_names))
             model.train()
-            loss_sum = torch.tensor(state.loss_sum, dtype=torch.float64, device=device)
+            loss_sum = torch.tensor(state.loss_sum, dtype=acc_dtype, device=device)
             correct = torch.tensor(state.correct, dtype=torch.int64, device=device)
             seen = seen_at_start = state.seen
             t0 = time.perf_counter()
@@ -202,7 +203,7 @@ def fit(
                     ema.update(model, state.step)
                 state.step += 1
                 state.batch_in_epoch += 1
-                loss_sum += loss.detach().double() * len(y)
+                loss_sum += loss.detach().to(acc_dtype) * len(y)
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += len(y)
                 if state.step % cfg.log_every == 0 or state.batch_in_epoch == steps_per_epoch:
