@@ -7,7 +7,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "evaluate", "export", "load", "predict", "train"]
+__all__ = ["__version__", "compare", "doctor", "evaluate", "export", "load", "predict", "serve", "train"]
 
 
 def __getattr__(name):
