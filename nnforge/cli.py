@@ -64,6 +64,58 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="write predictions to this .csv or .json file")
     pr.add_argument("--device", default="auto")
 
+    ex = sub.add_parser("export", help="RUN/model.onnx with a parity check against PyTorch")
+    ex.add_argument("run")
+    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    ex.add_argument("--quantize", choices=["int8"], help="also write RUN/model.int8.onnx (dynamic int8)")
+    ex.add_argument("--tolerance", type=float, default=1e-3,
+                    help="largest |logit difference| allowed, relative to max(1, largest |logit|)")
+    ex.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                    help="auto tries torch.export (dynamo) first, then the TorchScript tracer")
+
+    from nnforge.deploy.settings import serve_defaults  # a light module: defaults live in one place
+
+    d = serve_defaults()
+    sv = sub.add_parser("serve", help="HTTP API: micro-batching, /health /ready /metrics /v1/predict",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sv.add_argument("run", help="run folder (served with ONNX Runtime when it holds model.onnx)")
+    sv.add_argument("--host", default=d["host"], help="any non-loopback address needs a token")
+    sv.add_argument("--port", type=int, default=d["port"], help="TCP port")
+    sv.add_argument("--workers", type=int, default=d["workers"], help="server processes, each with its own model")
+    sv.add_argument("--token", help="bearer token, needed on every path but /health; None: $NNFORGE_TOKEN")
+    sv.add_argument("--backend", choices=["auto", "onnx", "torch"], default=d["backend"],
+                    help="auto: ONNX Runtime when RUN/model.onnx exists, else PyTorch")
+    sv.add_argument("--int8", action="store_true", help="serve RUN/model.int8.onnx")
+    sv.add_argument("--device", default=d["device"], help="PyTorch backend only")
+    sv.add_argument("--max-batch-size", type=int, default=d["max_batch_size"], help="inputs per forward pass")
+    sv.add_argument("--max-wait-ms", type=float, default=d["max_wait_ms"], help="how long a batch waits to fill")
+    sv.add_argument("--max-queue", type=int, default=d["max_queue"], help="inputs waiting; beyond: 503")
+    sv.add_argument("--timeout", dest="timeout_s", type=float, default=d["timeout_s"], help="seconds per request")
+    sv.add_argument("--max-body-mb", type=float, default=d["max_body_mb"], help="larger bodies get 413")
+    sv.add_argument("--max-pixels", type=int, default=d["max_pixels"], help="per image")
+    sv.add_argument("--max-inputs", type=int, default=d["max_inputs"], help="images or texts per request")
+    sv.add_argument("--top-k", type=int, default=d["top_k"], help="labels per answer")
+    sv.add_argument("--threads", type=int, default=d["threads"],
+                    help="inference threads per worker; 0: the worker's share of the cores")
+    sv.add_argument("--access-log", action="store_true", help="log every request")
+
+    dr = sub.add_parser("doctor", help="check data, model and recipe before a long run (PASS/WARN/FAIL)",
+                        conflict_handler="resolve")  # the train options of every task, shared ones once
+    dr.add_argument("--task", choices=list(TRAIN_CONFIGS), default="image")
+    dr.add_argument("--config", help="YAML file of config values; command-line flags win")
+    for cls in TRAIN_CONFIGS.values():
+        _add_config_options(dr, cls)
+    dr.add_argument("--model", help="registered model name (default: the task's default model)")
+    dr.add_argument("--out", help="folder for doctor.json and pictures (default: runs/doctor/<data name>)")
+    dr.add_argument("--only", help="comma-separated subset: data,batch,init_loss,lr_range,baseline,overfit")
+
+    cp = sub.add_parser("compare", help="per-metric and per-class differences (b - a) of two evaluated runs")
+    cp.add_argument("run_a")
+    cp.add_argument("run_b")
+    cp.add_argument("--output", help="JSON file to write (default: RUN_A/compare_<RUN_B name>.json)")
+    cp.add_argument("--threshold", type=float, default=0.01, help="F1 change that counts as a class changing")
+
     lm = sub.add_parser("list-models", help="registered models")
     lm.add_argument("pattern", nargs="?", default="*")
     lm.add_argument("--family", choices=["image", "text"])
@@ -122,6 +174,45 @@ def _cmd_predict(a) -> int:
     return 0 if rows else 1
 
 
+def _cmd_export(a) -> int:
+    from nnforge import api
+
+    card = api.export(a.run, opset=a.opset, quantize=a.quantize, tolerance=a.tolerance, exporter=a.exporter)
+    print(json.dumps({"model": str(Path(a.run) / card["file"]), "opset": card["opset"],
+                      "exporter": card["exporter"], "parity": card["parity"],
+                      **({"int8": card["int8"]} if "int8" in card else {})}, indent=2))
+    return 0
+
+
+def _cmd_serve(a) -> int:
+    from nnforge import api
+
+    options = {k: v for k, v in vars(a).items() if k not in ("command", "run", "host", "port", "workers", "token")}
+    api.serve(a.run, a.host, a.port, a.workers, a.token, **options)
+    return 0
+
+
+def _cmd_doctor(a) -> int:
+    from nnforge import api
+
+    overrides = {k: v for k, v in vars(a).items() if k not in ("command", "task", "config", "out", "only")}
+    if a.config is None and overrides.get("data") is None:
+        raise ValueError("--data is required (or --config with a data key)")
+    only = [s.strip() for s in a.only.split(",") if s.strip()] if a.only else None
+    report = api.doctor(a.task, config=a.config, out=a.out, only=only, **overrides)
+    return 1 if report["status"] == "FAIL" else 0
+
+
+def _cmd_compare(a) -> int:
+    from nnforge import api
+    from nnforge.evaluation.compare import format_comparison
+
+    result = api.compare(a.run_a, a.run_b, output=a.output, threshold=a.threshold)
+    print(format_comparison(result), end="")
+    print(f"wrote {result['output']}", file=sys.stderr)
+    return 0
+
+
 def _cmd_list_models(a) -> int:
     from nnforge.models import get_entry, list_models
 
@@ -132,12 +223,13 @@ def _cmd_list_models(a) -> int:
 
 
 COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
-            "list-models": _cmd_list_models}
+            "list-models": _cmd_list_models, "doctor": _cmd_doctor, "compare": _cmd_compare,
+            "export": _cmd_export, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from nnforge.engine.loop import TrainingDiverged, TrainingInterrupted
+    from nnforge.engine.errors import TrainingDiverged, TrainingInterrupted
 
     try:
         return COMMANDS[args.command](args)

@@ -26,6 +26,7 @@ from torch import nn
 from nnforge.config import EngineConfig
 from nnforge.engine.checkpoint import load_checkpoint, save_checkpoint
 from nnforge.engine.device import autocast, resolve_precision
+from nnforge.engine.errors import TrainingDiverged, TrainingInterrupted
 from nnforge.engine.optim import build_optimizer, optimizer_from_flat, optimizer_to_flat
 from nnforge.engine.progress import Progress
 from nnforge.engine.run import Run
@@ -37,14 +38,6 @@ class BatchSource(Protocol):
     def __len__(self) -> int: ...  # batches per epoch
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """Ctrl-C or SIGTERM: a checkpoint was saved at a step boundary."""
 
 
 @dataclass

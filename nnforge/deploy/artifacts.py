@@ -1,0 +1,48 @@
+"""The files `nnforge export` leaves in a run folder, and how to open them; no PyTorch needed.
+
+    card = read_card("runs/image/exp1")                 # model.json: spec, classes, opset, parity figures
+    session = ort_session("runs/image/exp1/model.onnx")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+MODEL_FILE, INT8_FILE, CARD_FILE = "model.onnx", "model.int8.onnx", "model.json"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_card(folder: str | Path) -> dict:
+    p = Path(folder) / CARD_FILE
+    try:
+        card = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: missing; run `nnforge export {folder}` first") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{p}: not valid JSON ({err})") from None
+    missing = [k for k in ("kind", "spec", "classes", "file") if k not in card]
+    if missing:
+        raise ValueError(f"{p}: missing keys {missing}; re-run `nnforge export {folder}`")
+    return card
+
+
+def ort_session(path: str | Path, threads: int = 0):
+    """An ONNX Runtime CPU session; threads: intra-op threads (0 = one per physical core)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    # Idle pool threads would otherwise spin for a while after each run: on a server that burns the core the
+    # event loop needs to parse the next requests, and buys nothing when batches come a few ms apart.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3  # errors only; the default prints warnings nobody can act on
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

@@ -1,0 +1,123 @@
+"""Pure ASGI layers in front of the FastAPI app: they answer before the app (or the body) is ever reached.
+
+    app = Metrics(BearerAuth(BodyLimit(fastapi_app, 16 * 2**20), token), registry, routes)
+
+Pure ASGI rather than Starlette middleware because the body limit must see the body as it streams in (a
+BaseHTTPMiddleware only sees a request once it is complete), and because what these send is final: an
+exception raised inside the app would be turned into a 500 by Starlette before anything outside could act.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+
+from nnforge.deploy import prom
+
+
+async def _send_json(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k == name:
+            return v.decode("latin-1")
+    return None
+
+
+class BodyLimit:
+    """413 for a body over max_bytes: from Content-Length before reading, or while counting a chunked body."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = f"request body over the limit of {self.max_bytes} bytes ({self.max_bytes / 2**20:.1f} MiB)"
+        length = _header(scope, b"content-length")
+        if length is not None:
+            if not length.strip().isdigit():
+                return await _send_json(send, 400, f"Content-Length {length!r} is not a number")
+            if int(length) > self.max_bytes:
+                return await _send_json(send, 413, too_big + f"; Content-Length says {int(length)}")
+        seen, started, refused = 0, False, False
+
+        async def counting_receive():
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    if not started and not refused:
+                        refused = True
+                        await _send_json(send, 413, too_big)
+                    return {"type": "http.disconnect"}  # the app stops reading; its own reply is dropped below
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if refused:
+                return
+            started = True
+            await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+
+class BearerAuth:
+    """Every path except /health needs `Authorization: Bearer <token>` when a token is set."""
+
+    def __init__(self, app, token: str | None, open_paths: tuple[str, ...] = ("/health",)):
+        self.app, self.token, self.open_paths = app, (token or "").encode(), open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.token and scope["path"] not in self.open_paths:
+            given = (_header(scope, b"authorization") or "").encode("latin-1")
+            scheme, _, value = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self.token):
+                what = "wrong bearer token" if given else "missing bearer token (Authorization: Bearer <token>)"
+                return await _send_json(send, 401, what, {"WWW-Authenticate": "Bearer"})
+        await self.app(scope, receive, send)
+
+
+class Metrics:
+    """Requests by path and status, latency histogram, errors by status; scraped at /metrics."""
+
+    def __init__(self, app, registry: prom.Registry, routes: tuple[str, ...]):
+        self.app, self.routes = app, routes  # other paths share one label: scanners cannot blow up the series
+        self.requests = registry.add(prom.Counter("nnforge_requests_total", "HTTP requests.", ["path", "code"]))
+        self.errors = registry.add(prom.Counter("nnforge_errors_total", "HTTP 4xx and 5xx answers.", ["code"]))
+        self.latency = registry.add(prom.Histogram("nnforge_request_duration_seconds", "Time to answer.",
+                                                   prom.LATENCY_BUCKETS, ["path"]))
+        self.in_flight = 0
+        registry.add(prom.Gauge("nnforge_requests_in_flight", "HTTP requests being received or answered.",
+                                lambda: {(): self.in_flight}))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), 500
+
+        async def recording_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.in_flight -= 1
+            path = scope["path"] if scope["path"] in self.routes else "other"
+            self.requests.inc(path=path, code=str(status))
+            self.latency.observe(time.perf_counter() - t0, path=path)
+            if status >= 400:
+                self.errors.inc(code=str(status))

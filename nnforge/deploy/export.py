@@ -1,0 +1,255 @@
+"""ONNX export with a parity check: a run's model in one file that ONNX Runtime can serve without PyTorch.
+
+    nnforge export runs/image/exp1 --format onnx [--opset 18] [--quantize int8]
+    report = export_onnx("runs/image/exp1", quantize="int8")
+
+writes RUN/model.onnx (dynamic batch axis; dynamic sequence axis too for text) and RUN/model.json (input spec,
+class names, opset, parity figures), and RUN/model.int8.onnx with --quantize int8. The export is traced on the
+preprocessor's own example batch and checked on the run's held-out items, through the same preprocessor that
+`predict` and `serve` use. A model whose outputs drift past the tolerance is not kept.
+
+Exporter: torch.export (`dynamo=True`) first. The legacy TorchScript tracer is faster but bakes shapes into
+attention reshapes (a TransformerEncoder exported with a dynamic sequence axis fails at other lengths), and it is
+deprecated; it remains the fallback for models torch.export cannot capture. Parity decides either way.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnforge.data.preprocess import InputError
+from nnforge.deploy.artifacts import CARD_FILE, INT8_FILE, MODEL_FILE, ort_session, sha256_file
+from nnforge.engine.checkpoint import atomic_write_bytes
+from nnforge.engine.run import Run, versions
+
+TOLERANCE = 1e-3      # largest |logit difference| allowed, relative to max(1, largest |logit|)
+MIN_AGREEMENT = 0.99  # top-1 agreement; below 1.0 only so that exact ties cannot fail a sound export
+PARITY_LIMIT = 256    # held-out items PyTorch and ONNX Runtime both run: enough to see drift, quick to run
+INT8_EVAL_LIMIT = 2000  # held-out items the int8 model's accuracy is measured on (ONNX Runtime only)
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported, or the export does not match PyTorch."""
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def dynamic_axes(kind: str) -> dict[int, str]:
+    """Axes of the model input that vary between requests: the batch, and for text the token sequence."""
+    if kind == "image":
+        return {0: "batch"}  # (B, C, S, S): the picture size is fixed by the run's spec
+    if kind == "text":
+        return {0: "batch", 1: "seq"}  # (B, T) int64 token ids, padded to the longest in the batch
+    raise ValueError(f"cannot export input kind {kind!r}; expected image or text")
+
+
+def trace_example(pre) -> np.ndarray:
+    """The preprocessor's dummy batch, with every dynamic axis at least 2 long (a size-1 axis gets specialised)."""
+    x = pre.example(2)
+    for axis in dynamic_axes(pre.kind):
+        if x.shape[axis] < 2:
+            x = np.concatenate([x] * 2, axis=axis)
+    return x
+
+
+def held_out(run: Run, pre, limit: int = PARITY_LIMIT) -> tuple[str, list[np.ndarray], list[str]]:
+    """(split name, preprocessed inputs, their labels) from the run's test split, else val, else train."""
+    try:
+        splits = run.read_json("split.json")
+    except FileNotFoundError:
+        splits = {}
+    for name in ("test", "val", "train"):
+        arrays, labels = [], []
+        for item, label in splits.get(name, []):
+            try:
+                arrays.append(pre.load(item) if pre.kind == "image" else pre.decode(item))
+                labels.append(label)
+            except InputError:
+                continue  # a file that went missing since training; the rest still check parity
+            if len(arrays) == limit:
+                break
+        if arrays:
+            return name, arrays, labels
+    return "", [], []
+
+
+def _synthetic(pre, n: int = 16) -> list[np.ndarray]:
+    x = trace_example(pre)
+    if pre.kind == "image":  # normalised pixels are roughly standard normal
+        return list(np.random.default_rng(0).standard_normal((n, *x.shape[1:])).astype(np.float32))
+    return list(x)  # token ids: only the tokenizer knows which values are valid
+
+
+def _batches(pre, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Batches of sizes 1, 3, 32, 32, ...: other sizes (and for text, other lengths) than the trace saw."""
+    out, i, sizes = [], 0, iter([1, 3])
+    while i < len(arrays):
+        n = next(sizes, 32)
+        out.append(pre.batch(arrays[i:i + n]))
+        i += n
+    return out
+
+
+def _export_graph(model: torch.nn.Module, example: torch.Tensor, kind: str, path: Path, opset: int | None,
+                  exporter: str) -> str:
+    """Write the ONNX graph to `path`; returns the exporter that worked ("dynamo" or "torchscript")."""
+    axes = dynamic_axes(kind)
+    names = {"input_names": ["input"], "output_names": ["logits"]}
+    errors = []
+    for name in (["dynamo", "torchscript"] if exporter == "auto" else [exporter]):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # deprecation and tracer chatter; parity below is the real check
+                if name == "dynamo":
+                    program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=(axes,),
+                                                opset_version=opset, verbose=False, **names)
+                    program.save(str(path), external_data=False)  # one self-contained file
+                else:
+                    torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset or 17,
+                                      dynamic_axes={"input": axes, "logits": {0: "batch"}}, **names)
+            return name
+        except Exception as err:  # exporters raise many types; we report each and try the next one
+            errors.append(f"{name}: {type(err).__name__}: {str(err).strip().splitlines()[0][:300]}")
+            _log(f"export: the {name} exporter failed ({errors[-1]})")
+    raise ExportError("no exporter could capture the model:\n  " + "\n  ".join(errors))
+
+
+def parity(model: torch.nn.Module, session, batches: list[np.ndarray]) -> dict:
+    """Largest |logit difference| and top-1 agreement of ONNX Runtime against PyTorch on the same inputs."""
+    diff, agree, scale, n = 0.0, 0, 1.0, 0
+    for x in batches:
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).float().numpy()
+        got = session.run(None, {"input": x})[0]
+        diff = max(diff, float(np.abs(got - ref).max()))
+        scale = max(scale, float(np.abs(ref).max()))
+        agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        n += len(x)
+    return {"items": n, "max_abs_diff": diff, "logit_scale": scale, "top1_agreement": agree / max(1, n)}
+
+
+def accuracy(session, batches: list[np.ndarray], labels: list[int]) -> float:
+    preds = np.concatenate([session.run(None, {"input": x})[0].argmax(1) for x in batches])
+    return float((preds == np.asarray(labels)).mean())
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8: weights stored as int8, activations quantised per batch at run time (no calibration data)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic warns on the root logger about optional pre-processing
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+
+
+def export_onnx(run_path: str | Path, opset: int | None = None, quantize: str | None = None,
+                tolerance: float = TOLERANCE, exporter: str = "auto", which: str = "best") -> dict:
+    """Export RUN's model to RUN/model.onnx, check it against PyTorch, describe it in RUN/model.json.
+
+    Returns the model card written to model.json. Raises ExportError (and keeps no model.onnx from this
+    attempt) when ONNX Runtime disagrees with PyTorch beyond `tolerance`.
+    """
+    from nnforge.tasks.classify import Predictor
+
+    if quantize not in (None, "int8"):
+        raise ValueError(f"--quantize {quantize!r}: expected int8")
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ValueError(f"exporter {exporter!r}: expected auto, dynamo or torchscript")
+    run = Run(run_path)
+    pred = Predictor(run.path, which=which, device="cpu")
+    model, pre, kind = pred.model.float().eval(), pred.preprocessor, pred.spec["kind"]
+    final, tmp = run.path / MODEL_FILE, run.path / f".{MODEL_FILE}.tmp"
+
+    t0 = time.perf_counter()
+    try:
+        import onnx
+
+        used = _export_graph(model, torch.from_numpy(trace_example(pre)), kind, tmp, opset, exporter)
+        export_s = time.perf_counter() - t0
+        graph = onnx.load(str(tmp))
+        onnx.checker.check_model(graph)
+        real_opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+        session = ort_session(tmp)
+        split, arrays, labels = held_out(run, pre, INT8_EVAL_LIMIT if quantize else PARITY_LIMIT)
+        if not arrays:  # a run without a split record (copied by hand): synthetic inputs still catch drift
+            _log("export: no held-out items in split.json; checking parity on synthetic inputs")
+            split, arrays = "synthetic", _synthetic(pre)
+        check = parity(model, session, _batches(pre, arrays[:PARITY_LIMIT]))
+        check.update(split=split, tolerance=tolerance, min_agreement=MIN_AGREEMENT)
+        bound = tolerance * check["logit_scale"]
+        if check["max_abs_diff"] > bound or check["top1_agreement"] < MIN_AGREEMENT:
+            raise ExportError(
+                f"{run.path}: ONNX Runtime disagrees with PyTorch on {check['items']} {split} items: largest "
+                f"|logit difference| {check['max_abs_diff']:.3g} (allowed {bound:.3g}), top-1 agreement "
+                f"{check['top1_agreement']:.2%} (needed {MIN_AGREEMENT:.0%}); exporter {used}, opset {real_opset}. "
+                "model.onnx was not written; try another --opset, or report the model")
+        tmp.replace(final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _log(f"export: {final} ({final.stat().st_size / 1e6:.2f} MB, {used} exporter, opset {real_opset}, "
+         f"{export_s:.1f}s); parity on {check['items']} {split} items: max |diff| {check['max_abs_diff']:.2e}, "
+         f"top-1 agreement {check['top1_agreement']:.2%}")
+
+    card = {
+        "format": "onnx", "file": MODEL_FILE, "model": pred.meta["model"], "kind": kind, "spec": pred.spec,
+        "classes": pred.classes, "num_classes": len(pred.classes), "opset": real_opset, "exporter": used,
+        "input": {"name": "input", "dtype": "float32" if kind == "image" else "int64",
+                  "shape": [dynamic_axes(kind).get(i, int(d)) for i, d in enumerate(trace_example(pre).shape)]},
+        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", len(pred.classes)]},
+        "parity": check, "sha256": sha256_file(final),
+        # the checkpoint this file came from: the server notices a stale export after re-training
+        "source": {"checkpoint": f"checkpoints/{which}.safetensors",
+                   "sha256": sha256_file(run.checkpoint(which))},
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(),
+    }
+    if quantize == "int8":
+        card["int8"] = _quantize_and_compare(run.path, session, _batches(pre, arrays), labels, pred.classes, split)
+    elif (run.path / INT8_FILE).exists():  # made from an older model.onnx: it would no longer match the card
+        (run.path / INT8_FILE).unlink()
+        _log(f"export: removed the stale {run.path / INT8_FILE} (pass --quantize int8 to make a new one)")
+    atomic_write_bytes(run.path / CARD_FILE, json.dumps(card, indent=2).encode())
+    return card
+
+
+def _quantize_and_compare(folder: Path, fp32_session, batches, labels, classes, split) -> dict:
+    dst = folder / INT8_FILE
+    quantize_int8(folder / MODEL_FILE, dst)
+    int8 = ort_session(dst)
+    out = {"file": INT8_FILE, "sha256": sha256_file(dst), "mb": dst.stat().st_size / 1e6,
+           "fp32_mb": (folder / MODEL_FILE).stat().st_size / 1e6, "split": split}
+    agree = parity_onnx(fp32_session, int8, batches)
+    out["top1_agreement_with_fp32"] = agree
+    if labels and split in ("test", "val"):
+        index = {c: i for i, c in enumerate(classes)}
+        y = [index[c] for c in labels]
+        out["accuracy_fp32"], out["accuracy_int8"] = accuracy(fp32_session, batches, y), accuracy(int8, batches, y)
+        out["accuracy_change"], out["items"] = out["accuracy_int8"] - out["accuracy_fp32"], len(y)
+        _log(f"export: {dst} ({out['mb']:.2f} MB vs {out['fp32_mb']:.2f} MB); {split} accuracy "
+             f"{out['accuracy_fp32']:.4f} -> {out['accuracy_int8']:.4f} ({out['accuracy_change']:+.4f}) "
+             f"on {len(y)} items; top-1 agreement with fp32 {agree:.2%}")
+    else:
+        _log(f"export: {dst} ({out['mb']:.2f} MB); no labelled held-out split to measure accuracy on; "
+             f"top-1 agreement with fp32 {agree:.2%}")
+    return out
+
+
+def parity_onnx(a, b, batches: list[np.ndarray]) -> float:
+    """Top-1 agreement between two ONNX sessions."""
+    same = sum(int((a.run(None, {"input": x})[0].argmax(1) == b.run(None, {"input": x})[0].argmax(1)).sum())
+               for x in batches)
+    return same / max(1, sum(len(x) for x in batches))

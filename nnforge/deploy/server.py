@@ -1,0 +1,463 @@
+"""The HTTP server: FastAPI + uvicorn, micro-batched, with limits that turn every bad request into a 4xx.
+
+    nnforge serve runs/image/exp1 [--host 127.0.0.1] [--port 8000] [--workers N] [--token T]
+    curl -F file=@shoe.png http://127.0.0.1:8000/v1/predict
+
+Endpoints: POST /v1/predict (images as multipart files, JSON {"images": [base64, ...]} or one raw image body;
+texts as JSON {"texts": [...]}), GET /health (alive, never needs the token), GET /ready (503 until the model is
+loaded and warmed), GET /metrics (Prometheus), GET /v1/model, POST /v1/reload, GET /docs (OpenAPI).
+
+Requests pass three pure ASGI layers (asgi.py) before FastAPI: metrics (outermost, so it sees every status), the
+bearer token, and the body limit, which refuses a too-large Content-Length before reading any of the body and
+counts the bytes of a chunked body as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import gc
+import json
+import logging
+import math
+import os
+import signal
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
+
+from nnforge.data.preprocess import InputError
+from nnforge.deploy import prom
+from nnforge.deploy.asgi import BearerAuth, BodyLimit, Metrics
+from nnforge.deploy.batching import MicroBatcher, QueueFull
+from nnforge.deploy.engine import Engine, load_engine, softmax
+from nnforge.deploy.settings import ServeSettings, default_threads
+
+log = logging.getLogger("nnforge.serve")
+SETTINGS_ENV = "NNFORGE_SERVE_SETTINGS"  # how `--workers N` hands the settings to each worker process
+# Inputs this small decode in well under a millisecond, cheaper than a hop to a thread; bigger ones (a photo can take
+# 50 ms) decode on a thread, so that one large upload never stalls the event loop and everyone else's requests.
+INLINE_DECODE_BYTES = 64 * 1024
+ROUTES = ("/v1/predict", "/v1/reload", "/v1/model", "/health", "/ready", "/metrics", "/docs", "/openapi.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading requests
+
+
+class Reject(Exception):
+    """A request we answer with a 4xx (or 503/504) and a message."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.headers = status, detail, headers
+
+
+def _b64(value, where: str) -> bytes:
+    if not isinstance(value, str):
+        raise Reject(400, f"{where}: expected a base64 string, got {type(value).__name__}")
+    if value.startswith("data:") and "," in value:  # a data URL: data:image/png;base64,....
+        value = value.split(",", 1)[1]
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise Reject(400, f"{where}: not valid base64") from None
+
+
+async def read_inputs(request: Request, kind: str, max_inputs: int) -> list[tuple[str, bytes | str]]:
+    """(name, raw input) pairs from any accepted body; Reject with the reason otherwise."""
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    key = "images" if kind == "image" else "texts"
+    accepted = ("multipart/form-data, application/json {\"images\": [base64, ...]} or image/*"
+                if kind == "image" else "application/json {\"texts\": [...]} or text/plain")
+    if ctype == "multipart/form-data" and kind == "image":
+        form = await request.form(max_files=max_inputs, max_fields=max_inputs)
+        try:
+            items = [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
+        finally:
+            await form.close()
+        if not items:
+            raise Reject(400, "the form holds no files; send each image as a file field (curl -F file=@x.png)")
+    elif ctype == "application/json":
+        body = await request.body()
+        if not body:
+            raise Reject(400, f"empty body; expected JSON {{\"{key}\": [...]}}")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise Reject(400, f"body is not valid JSON ({err})") from None
+        except RecursionError:
+            raise Reject(400, "body is JSON nested too deeply") from None
+        if not isinstance(data, dict) or key not in data:
+            raise Reject(400, f"expected a JSON object with a \"{key}\" list; this run takes {kind} inputs")
+        values = data[key]
+        if not isinstance(values, list) or not values:
+            raise Reject(400, f"\"{key}\" must be a non-empty list")
+        if len(values) > max_inputs:
+            raise Reject(413, f"{len(values)} inputs in one request; the limit is {max_inputs}")
+        if kind == "image":
+            items = [(f"images[{i}]", _b64(v, f"images[{i}]")) for i, v in enumerate(values)]
+        else:
+            bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
+            if bad:
+                raise Reject(400, f"texts[{bad[0]}]: expected a string, got {type(values[bad[0]]).__name__}")
+            items = [(f"texts[{i}]", v) for i, v in enumerate(values)]
+    elif kind == "image" and (ctype.startswith("image/") or ctype == "application/octet-stream"):
+        items = [("body", await request.body())]
+    elif kind == "text" and ctype == "text/plain":
+        body = await request.body()
+        try:
+            items = [("body", body.decode("utf-8"))]
+        except UnicodeDecodeError:
+            raise Reject(400, "text/plain body is not UTF-8") from None
+    elif not ctype:
+        raise Reject(415, f"no Content-Type; send {accepted}")
+    else:
+        raise Reject(415, f"Content-Type {ctype} is not accepted by this {kind} model; send {accepted}")
+    if len(items) > max_inputs:
+        raise Reject(413, f"{len(items)} inputs in one request; the limit is {max_inputs}")
+    for name, raw in items:
+        if len(raw) == 0:
+            raise Reject(400, "empty body" if name == "body" else f"{name}: empty")
+    return items
+
+
+def preprocess(engine: Engine, items: list[tuple[str, bytes | str]]) -> list[np.ndarray]:
+    arrays = []
+    for name, raw in items:
+        try:
+            arrays.append(engine.preprocessor.decode(raw))
+        except InputError as err:
+            raise Reject(400, f"{name}: {err}") from None
+        except Exception as err:  # a decoder failing in a way nobody foresaw: still the input's fault, not a 500
+            log.warning("%s: unexpected %s while decoding", name, type(err).__name__, exc_info=True)
+            raise Reject(400, f"{name}: could not be decoded ({type(err).__name__}: {err})") from None
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the app
+
+
+class Prediction(BaseModel):
+    input: str
+    labels: list[str]
+    probs: list[float]
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: str
+    backend: str
+    predictions: list[Prediction]
+
+
+class ReloadRequest(BaseModel):
+    run: str | None = None
+    """Run folder to serve from now on; default: the one being served (after re-training or re-exporting)."""
+    backend: Literal["auto", "onnx", "torch"] | None = None
+
+
+_PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "application/json": {"schema": {"type": "object", "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
+        "texts": {"type": "array", "items": {"type": "string"}}}}},
+    "image/png": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+class _State:
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.error: str | None = None
+        self.generation = 0  # reloads seen, shared between workers through settings.sync_file
+        self.reload_lock = asyncio.Lock()
+        self.registry = prom.Registry()
+        self.batch_size = self.registry.add(prom.Histogram("nnforge_batch_size", "Inputs per forward pass.",
+                                                           prom.BATCH_BUCKETS))
+        self.infer_s = self.registry.add(prom.Histogram("nnforge_inference_seconds", "One forward pass.",
+                                                        prom.LATENCY_BUCKETS))
+        self.reloads = self.registry.add(prom.Counter("nnforge_reloads_total", "Model reloads.", ["result"]))
+        self.predicting = 0  # /v1/predict requests being handled
+        self.batcher = MicroBatcher(settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
+                                    on_batch=self._on_batch,
+                                    arriving=lambda: self.predicting - self.batcher.requests_in)
+        self.registry.add(prom.Gauge("nnforge_inputs_pending", "Inputs queued or running.",
+                                     lambda: {(): self.batcher.pending}))
+        self.registry.add(prom.Gauge("nnforge_ready", "1 once a model is loaded and warmed.",
+                                     lambda: {(): float(self.engine is not None)}))
+        self.registry.add(prom.Gauge(
+            "nnforge_model_info", "The model being served.",
+            lambda: {(e.name, e.version, e.backend): 1.0} if (e := self.engine) else {},
+            ["name", "version", "backend"]))
+
+    def _on_batch(self, n: int, seconds: float) -> None:
+        self.batch_size.observe(n)
+        self.infer_s.observe(seconds)
+
+    def load(self, run: str, backend: str) -> Engine:
+        """Load and warm a model (on a worker thread); nothing is served from it until it is complete."""
+        s = self.settings
+        engine = load_engine(run, backend, s.int8 and backend != "torch", s.device, s.threads)
+        engine.warm(s.max_batch_size)
+        if engine.kind == "image" and hasattr(engine.preprocessor, "max_pixels"):
+            engine.preprocessor.max_pixels = s.max_pixels
+        return engine
+
+
+def _freeze_heap() -> None:
+    """Exclude everything alive now (the libraries, the model) from the garbage collector's full passes.
+
+    With torch, FastAPI and ONNX Runtime imported a full collection walks some 200k objects: 50-150 ms during
+    which no request moves, the p99 of a busy server. Frozen objects are still freed by reference counting.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def create_app(settings: ServeSettings, on_fatal=None):
+    """The ASGI app for `settings`; the model loads in the background after startup (see /ready).
+
+    on_fatal(message) is called when the first load fails (the single-process server then exits with it).
+    """
+    settings.check()
+    state = _State(settings)
+
+    async def first_load():
+        try:
+            state.engine = await asyncio.to_thread(state.load, settings.run, settings.backend)
+        except Exception as err:  # anything a broken run folder raises: reported, never served
+            state.error = f"{type(err).__name__}: {err}"
+            log.error("could not load %s: %s", settings.run, state.error)
+            if on_fatal:
+                on_fatal(state.error)
+            return
+        e = state.engine
+        _freeze_heap()
+        log.info("ready: %s %s (%s, version %s) loaded and warmed in %.2fs", e.kind, e.name, e.backend,
+                 e.version, e.load_seconds)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await state.batcher.start()
+        tasks = [asyncio.create_task(first_load())]
+        if settings.sync_file:
+            tasks.append(asyncio.create_task(_follow_reloads(state)))
+        yield
+        for t in tasks:
+            t.cancel()
+        await state.batcher.stop()
+
+    app = FastAPI(title="nnforge", version="1", lifespan=lifespan,
+                  description="Predictions from an nnforge run. Every endpoint but /health needs the bearer "
+                              "token when the server was started with one.")
+    app.state.nnforge = state
+
+    @app.get("/health", summary="The process is alive (no token needed)")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="200 once the model is loaded and warmed, 503 before",
+             responses={503: {"description": "loading, or the model failed to load"}})
+    async def ready():
+        if state.engine is None:
+            return _error(503, state.error or "loading the model", {"Retry-After": "1"})
+        return {"ready": True, "model": state.engine.name, "version": state.engine.version}
+
+    @app.get("/metrics", summary="Prometheus metrics (text format)")
+    async def metrics():
+        return Response(state.registry.render(), media_type=prom.CONTENT_TYPE)
+
+    @app.get("/v1/model", summary="Name, version, classes and input spec of the served model")
+    async def model():
+        if state.engine is None:
+            return _error(503, state.error or "loading the model", {"Retry-After": "1"})
+        limits = ("max_batch_size", "max_wait_ms", "max_queue", "timeout_s", "max_inputs", "max_pixels")
+        return state.engine.describe() | {"worker_pid": os.getpid(), "reloads": state.generation,
+                                          "limits": {k: getattr(settings, k) for k in limits}}
+
+    @app.post("/v1/predict", summary="Top-k labels with probabilities for one or more inputs",
+              openapi_extra=_PREDICT_BODY, responses={
+                  200: {"model": PredictResponse}, 400: {"description": "an input that cannot be read"},
+                  413: {"description": "body, input count or image too large"},
+                  415: {"description": "unaccepted Content-Type"},
+                  503: {"description": "not ready, or the queue is full (see Retry-After)"},
+                  504: {"description": "no answer within the request timeout"}})
+    async def predict(request: Request, top_k: int | None = Query(None, ge=1, le=1000)):
+        engine = state.engine  # one engine per request, even if a reload swaps it meanwhile
+        if engine is None:
+            return _error(503, state.error or "loading the model", {"Retry-After": "1"})
+        state.predicting += 1
+        try:
+            async with asyncio.timeout(settings.timeout_s):
+                items = await read_inputs(request, engine.kind, settings.max_inputs)
+                if sum(len(raw) for _, raw in items) > INLINE_DECODE_BYTES:
+                    arrays = await asyncio.to_thread(preprocess, engine, items)
+                else:
+                    arrays = preprocess(engine, items)
+                logits = await state.batcher.submit(engine, arrays)
+        except Reject as r:
+            return _error(r.status, r.detail, r.headers)
+        except QueueFull as err:
+            return _error(503, f"server busy: {err}; retry shortly", {"Retry-After": "1"})
+        except TimeoutError:
+            return _error(504, f"no answer within {settings.timeout_s:g}s; the server is overloaded")
+        except ClientDisconnect:
+            return _error(400, "the client went away before sending the whole body")
+        finally:
+            state.predicting -= 1
+        probs = softmax(logits)
+        k = min(top_k or settings.top_k, len(engine.classes))
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        preds = [{"input": name, "labels": [engine.classes[j] for j in row], "probs": [float(p[j]) for j in row]}
+                 for (name, _), row, p in zip(items, top, probs, strict=True)]
+        # a JSONResponse as is: FastAPI's encoder would walk every float again (a fifth of a small request's cost)
+        return JSONResponse({"model": engine.name, "version": engine.version, "backend": engine.backend,
+                             "predictions": preds})
+
+    @app.post("/v1/reload", summary="Load a model fully, warm it, then swap it in atomically",
+              responses={409: {"description": "a reload is already running"},
+                         422: {"description": "the new model failed to load; the old one keeps serving"}})
+    async def reload(req: ReloadRequest | None = None):
+        req = req or ReloadRequest()
+        if state.reload_lock.locked():
+            return _error(409, "a reload is already running; try again when it has finished")
+        async with state.reload_lock:
+            old = state.engine
+            run = req.run or (str(old.run) if old else settings.run)
+            try:
+                new = await asyncio.to_thread(state.load, run, req.backend or settings.backend)
+            except Exception as err:  # a bad folder must not take the server down
+                state.reloads.inc(result="failed")
+                still = f"still serving version {old.version}" if old else "no model is being served"
+                return _error(422, f"reload of {run} failed ({type(err).__name__}: {err}); {still}")
+            state.engine = new  # one reference swap: each request already holds the engine it started with
+            state.reloads.inc(result="ok")
+            _announce_reload(state, run, req.backend or settings.backend)
+        _freeze_heap()
+        log.info("reloaded: %s %s version %s (was %s) in %.2fs", new.name, new.backend, new.version,
+                 old.version if old else None, new.load_seconds)
+        return {"model": new.name, "version": new.version, "backend": new.backend,
+                "previous_version": old.version if old else None, "load_seconds": round(new.load_seconds, 3)}
+
+    # outermost first: metrics see every answer, auth runs before anything reads the body
+    limited = BodyLimit(app, int(settings.max_body_mb * 2**20))
+    return Metrics(BearerAuth(limited, settings.token), state.registry, ROUTES)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# several workers: a reload in one process is followed by the others through a small JSON file
+
+
+def _read_news(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _announce_reload(state: _State, run: str, backend: str) -> None:
+    if not state.settings.sync_file:
+        state.generation += 1
+        return
+    p = Path(state.settings.sync_file)
+    # past every generation announced so far, so that the other workers follow this reload, not an older one
+    state.generation = max(state.generation, _read_news(p).get("generation", 0)) + 1
+    tmp = p.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"generation": state.generation, "run": run, "backend": backend}))
+    tmp.replace(p)
+
+
+async def _follow_reloads(state: _State, every_s: float = 0.5) -> None:
+    p = Path(state.settings.sync_file)
+    while True:
+        await asyncio.sleep(every_s)
+        news = _read_news(p)
+        if news.get("generation", 0) <= state.generation or state.reload_lock.locked():
+            continue
+        async with state.reload_lock:
+            try:
+                new = await asyncio.to_thread(state.load, news["run"], news["backend"])
+            except Exception as err:
+                log.error("following a reload of %s failed: %s", news.get("run"), err)
+                state.generation = news["generation"]  # do not retry a broken folder every half second
+                continue
+            state.engine, state.generation = new, news["generation"]
+            state.reloads.inc(result="ok")
+            log.info("followed a reload: %s version %s", new.name, new.version)
+        _freeze_heap()
+
+
+def app_from_env():
+    """uvicorn factory for `--workers N`: each worker process builds its app from the settings in the env."""
+    settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
+    _configure_logging()
+    return create_app(settings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running it
+
+
+def _configure_logging() -> None:
+    logger = logging.getLogger("nnforge")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def serve(settings: ServeSettings) -> None:
+    """Run the server until SIGTERM/SIGINT; requests in flight are answered before it exits."""
+    import uvicorn
+
+    settings.check()
+    run = Path(settings.run)
+    if not ((run / "model.onnx").is_file() or (run / "checkpoints" / "best.safetensors").is_file()):
+        raise FileNotFoundError(f"{run}: neither model.onnx nor checkpoints/best.safetensors; is it a run folder?")
+    _configure_logging()
+    if settings.token and len(settings.token) < 16:
+        log.warning("the bearer token is shorter than 16 characters; anyone who can reach the port may guess it")
+    common = dict(host=settings.host, port=settings.port, access_log=settings.access_log, log_level="info",
+                  # in-flight requests finish within their own timeout; then shutdown stops waiting
+                  timeout_graceful_shutdown=math.ceil(settings.timeout_s) + 5)
+    settings.threads = settings.threads or default_threads(settings.workers)
+    if settings.workers > 1:
+        with tempfile.TemporaryDirectory(prefix="nnforge-serve-") as tmp:
+            settings.sync_file = str(Path(tmp) / "reload.json")
+            os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
+            uvicorn.run("nnforge.deploy.server:app_from_env", factory=True, workers=settings.workers, **common)
+        return
+    failure: list[str] = []
+
+    def fatal(message: str) -> None:  # the first load failed: nothing to serve, so stop and say why
+        failure.append(message)
+        server.should_exit = True
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, on_fatal=fatal), **common))
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; with these handlers that ends serve() normally
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failure:
+        raise RuntimeError(f"{run}: the model could not be loaded: {failure[0]}")

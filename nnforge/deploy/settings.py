@@ -1,0 +1,67 @@
+"""Server settings, checked before anything heavy is imported (a wrong flag fails in a moment).
+
+    ServeSettings("runs/image/exp1", host="0.0.0.0", token=os.environ["NNFORGE_TOKEN"]).check()
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class ServeSettings:
+    run: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    token: str | None = None          # bearer token; required when host is not a loopback address
+    backend: str = "auto"             # auto: ONNX Runtime when RUN/model.onnx exists, else PyTorch
+    int8: bool = False                # serve RUN/model.int8.onnx
+    device: str = "auto"              # PyTorch backend only
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0          # how long a batch may wait for more inputs once it has one
+    max_queue: int = 256              # inputs waiting or running; beyond this requests get 503
+    timeout_s: float = 10.0           # per request, from arrival to answer (504 past it)
+    max_body_mb: float = 16.0
+    max_pixels: int = 25_000_000      # per image, checked from the header before decoding
+    max_inputs: int = 64              # images or texts in one request
+    top_k: int = 3
+    access_log: bool = False
+    threads: int = 0                  # intra-op threads per worker; 0 = cores / workers
+    sync_file: str | None = None      # with several workers: where a reload tells the other workers
+
+    def check(self) -> None:
+        for name in ("port", "workers", "max_batch_size", "max_queue", "max_pixels", "max_inputs", "top_k"):
+            if int(getattr(self, name)) < (0 if name == "port" else 1):
+                raise ValueError(f"serve: {name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("timeout_s", "max_body_mb"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"serve: {name} must be > 0, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"serve: max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.backend not in ("auto", "onnx", "torch"):
+            raise ValueError(f"serve: backend {self.backend!r}; expected auto, onnx or torch")
+        if not is_loopback(self.host) and not self.token:
+            raise ValueError(f"serve: binding to {self.host} exposes the model beyond this machine; set a bearer "
+                             "token with --token or the NNFORGE_TOKEN environment variable")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def serve_defaults() -> dict:
+    return {f.name: f.default for f in fields(ServeSettings) if f.name != "run"}
+
+
+def default_threads(workers: int, cores: int | None = None) -> int:
+    """Inference threads per worker: its share of the cores, so that several workers do not oversubscribe them."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // workers)
