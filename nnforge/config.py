@@ -164,6 +164,12 @@ class TextTrainConfig(EngineConfig):
     """Tokenizer vocabulary size."""
     max_len: int = 128
     """Longest token sequence kept (longer texts are truncated)."""
+    lowercase: bool = True
+    """Lower-case texts before the trained tokenizer sees them (pretrained encoders keep their own rule)."""
+    encoder: str | None = None
+    """Pretrained encoder models (minilm): a Hugging Face name or local folder; null uses the packaged one."""
+    pretrained: bool = True
+    """Pretrained encoder models start from their published weights; false starts them from random weights."""
     val_split: float = 0.1
     """Fraction held out for validation when no validation file is given."""
     test_split: float = 0.1

@@ -1,0 +1,532 @@
+"""Text classification data: read labelled texts, check every row, split, tokenize, and serve padded batches.
+
+    data = TextData.load(TextTrainConfig(data="reviews.csv"))   # prints what it found, skipped and split
+    source = data.train_source(device)                          # yields (ids (B, T) int64, labels (B,)) batches
+
+Inputs: a CSV, TSV or JSON Lines file with a text column and a label column, or a folder holding train.* and
+optionally val.* / test.* files. Encodings: UTF-8 (with or without a BOM), UTF-16 with a BOM, else Latin-1
+(Windows-1252 when its curly quotes and dashes appear). Malformed rows, empty texts and missing labels are
+skipped and reported with their line numbers; the files are only read. Val/test are carved from train with a
+seeded stratified split that keeps identical texts together, so a duplicated text cannot leak across splits.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import math
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnforge.config import TextTrainConfig
+from nnforge.data.cache import fingerprint_files
+from nnforge.data.images import DataError, epoch_order
+from nnforge.data.preprocess import InputError
+from nnforge.data.splits import stratified_split
+from nnforge.data.tokenizer import (
+    configure,
+    load_tokenizer,
+    pad_batch,
+    pad_id_of,
+    pretrained_tokenizer,
+    train_tokenizer,
+)
+from nnforge.engine.seeding import derived_generator
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
+TOKENIZER_FILE = "tokenizer.json"
+BUCKET = 32  # batches per length-sorted bucket: batches pad little, their order stays random
+
+
+@dataclass
+class Row:
+    text: str
+    label: str
+    where: str  # "file:LINE", for every message about this row
+    split: str  # train | val | test
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading files
+
+
+def detect_encoding(raw: bytes) -> str:
+    if raw.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    try:
+        raw.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    # Not UTF-8: a legacy 8-bit file. Windows-1252 is Latin-1 with printable punctuation (curly quotes, dashes)
+    # where Latin-1 has invisible control codes, so prefer it when it fits.
+    try:
+        raw.decode("cp1252")
+        return "cp1252" if any(0x80 <= b <= 0x9F for b in raw) else "latin-1"
+    except UnicodeDecodeError:
+        return "latin-1"
+
+
+def _format_of(path: Path) -> str:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'; expected one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def _check_row(text, label, where: str, split: str, rows: list[Row], skipped: list[dict]) -> None:
+    if label is None or (isinstance(label, str) and not label.strip()):
+        skipped.append({"path": where, "reason": "missing label"})
+    elif not isinstance(label, str | int | float | bool):
+        skipped.append({"path": where, "reason": f"label must be a string or number, got {type(label).__name__}"})
+    elif text is None:
+        skipped.append({"path": where, "reason": "missing text"})
+    elif not isinstance(text, str):
+        skipped.append({"path": where, "reason": f"text must be a string, got {type(text).__name__}"})
+    elif not text.strip():
+        skipped.append({"path": where, "reason": "empty text"})
+    else:
+        rows.append(Row(text.strip(), str(label).strip(), where, split))
+
+
+def _read_delimited(path: Path, content: str, delimiter: str, text_col: str, label_col: str, split: str,
+                    rows: list[Row], skipped: list[dict]) -> None:
+    reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter)
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise DataError(f"{path}: the file is empty; expected a header row naming the columns") from None
+    except csv.Error as err:
+        raise DataError(f"{path}:1: unreadable header row ({err})") from None
+    for col, flag in ((text_col, "--text-col"), (label_col, "--label-col")):
+        if col not in header:
+            raise DataError(f"{path}: no column '{col}'; the header has {header} (set {flag})")
+    ti, li, width = header.index(text_col), header.index(label_col), len(header)
+    sep = "tab" if delimiter == "\t" else "comma"
+    line = reader.line_num
+    while True:
+        where = f"{path}:{line + 1}"  # a quoted field may span lines: a record starts after the previous one
+        try:
+            rec = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            skipped.append({"path": where, "reason": f"malformed row ({err})"})
+            line = reader.line_num
+            continue
+        line = reader.line_num
+        if not rec:
+            continue  # a blank line
+        if len(rec) != width:
+            hint = f" (a {sep} inside a text needs quotes)" if len(rec) > width else ""
+            skipped.append({"path": where, "reason": f"expected {width} fields, got {len(rec)}{hint}"})
+            continue
+        _check_row(rec[ti], rec[li], where, split, rows, skipped)
+
+
+def _read_jsonl(path: Path, content: str, text_col: str, label_col: str, split: str, rows: list[Row],
+                skipped: list[dict]) -> None:
+    if content.lstrip().startswith("["):
+        raise DataError(f"{path}: a JSON array; expected JSON Lines (one object per line)")
+    # split("\n"), not splitlines(): Latin-1 text may hold U+0085, which splitlines() would take for a line end
+    for n, line in enumerate(content.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            skipped.append({"path": where, "reason": f"malformed JSON ({err.msg} at column {err.colno})"})
+            continue
+        if not isinstance(obj, dict):
+            skipped.append({"path": where, "reason": f"expected a JSON object, got {type(obj).__name__}"})
+            continue
+        _check_row(obj.get(text_col), obj.get(label_col), where, split, rows, skipped)
+
+
+def read_file(path: Path, text_col: str, label_col: str, split: str = "train") -> tuple[list[Row], list[dict], str]:
+    """(usable rows, skipped rows with reasons, encoding) of one CSV/TSV/JSONL file."""
+    fmt = _format_of(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: unreadable ({err.strerror})") from None
+    encoding = detect_encoding(raw)
+    content = raw.decode(encoding)
+    rows: list[Row] = []
+    skipped: list[dict] = []
+    if fmt == "jsonl":
+        _read_jsonl(path, content, text_col, label_col, split, rows, skipped)
+    else:
+        _read_delimited(path, content, "\t" if fmt == "tsv" else ",", text_col, label_col, split, rows, skipped)
+    return rows, skipped, encoding
+
+
+def find_files(data: str | Path) -> list[tuple[Path, str]]:
+    """(file, split) pairs: one file is all "train"; a folder gives train.* (required), val.* and test.*."""
+    root = Path(data)
+    if not root.exists():
+        raise DataError(f"{root}: no such file or folder")
+    if root.is_file():
+        _format_of(root)
+        return [(root, "train")]
+    found = [(p, SPLIT_NAMES[p.stem.lower()]) for p in sorted(root.iterdir())
+             if p.is_file() and p.stem.lower() in SPLIT_NAMES and p.suffix.lower() in FORMATS]
+    splits = [s for _, s in found]
+    for s in set(splits):
+        if splits.count(s) > 1:
+            raise DataError(f"{root}: more than one {s} file: {[str(p) for p, t in found if t == s]}")
+    if "train" not in splits:
+        raise DataError(f"{root}: no train file; expected train.csv / train.tsv / train.jsonl "
+                        "(and optionally val.* and test.*), or pass a single file")
+    return found
+
+
+def read_all(files: list[tuple[Path, str]], text_col: str, label_col: str):
+    rows, skipped, encodings = [], [], {}
+    for path, split in files:
+        r, s, enc = read_file(path, text_col, label_col, split)
+        rows += r
+        skipped += s
+        encodings[str(path)] = enc
+    return rows, skipped, encodings
+
+
+def read_labelled_texts(path: str | Path, cfg: dict) -> list[list[str]]:
+    """[[text, label], ...] from a file (every usable row) or a folder (its test file), for `evaluate --data`.
+
+    cfg is the run's config.yaml; its text_col / label_col name the columns.
+    """
+    root = Path(path)
+    if root.is_dir():
+        files = [(p, "test") for p in sorted(root.iterdir())
+                 if p.is_file() and p.stem.lower() == "test" and p.suffix.lower() in FORMATS]
+        if not files:
+            raise DataError(f"{root}: no test.csv / test.tsv / test.jsonl to evaluate on; pass the file itself")
+    else:
+        files = find_files(root)
+    rows, skipped, _ = read_all(files, cfg.get("text_col", "text"), cfg.get("label_col", "label"))
+    if skipped:
+        print(f"skipped {len(skipped)} unusable rows of {path}, e.g. {skipped[0]['path']}: {skipped[0]['reason']}",
+              file=sys.stderr)
+    if not rows:
+        raise DataError(f"{path}: no usable labelled texts")
+    return [[r.text, r.label] for r in rows]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# checking and splitting
+
+
+def _text_key(text: str) -> str:
+    return " ".join(text.casefold().split())  # case and spacing do not make a different text
+
+
+def _assign_splits(rows: list[Row], cfg: TextTrainConfig) -> None:
+    """Carve val/test out of train where no file gave them: stratified, seeded, identical texts kept together."""
+    present = {r.split for r in rows}
+    fractions = {k: f for k, f in (("val", cfg.val_split), ("test", cfg.test_split)) if k not in present and f > 0}
+    if not fractions:
+        return
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        if r.split == "train":
+            groups[_text_key(r.text)].append(i)
+    keys = list(groups)
+    parts = stratified_split([rows[groups[k][0]].label for k in keys], fractions, cfg.seed)
+    for split, idx in parts.items():
+        for j in idx:
+            for i in groups[keys[j]]:
+                rows[i].split = split
+
+
+def _duplicates(rows: list[Row]) -> list[dict]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        groups[_text_key(r.text)].append(i)
+    out = []
+    for idx in groups.values():
+        if len(idx) > 1:
+            splits = sorted({rows[i].split for i in idx})
+            out.append({"paths": [rows[i].where for i in idx], "splits": splits,
+                        "labels": sorted({rows[i].label for i in idx}), "leak": len(splits) > 1})
+    return out
+
+
+def _check_labels(rows: list[Row], data: str, log) -> list[str]:
+    """The sorted class names; errors for fewer than two classes or classes missing from train."""
+    train = Counter(r.label for r in rows if r.split == "train")
+    classes = sorted(train)
+    unknown = sorted({r.label for r in rows} - set(classes))
+    if unknown:
+        where = next(r.where for r in rows if r.label in unknown)
+        raise DataError(f"{data}: labels {unknown} appear in val/test (e.g. {where}) but not in train")
+    if len(classes) < 2:
+        raise DataError(f"{data}: found only the label(s) {classes}; a classifier needs at least 2 classes")
+    for label in classes:
+        if train[label] == 1:
+            where = next(r.where for r in rows if r.label == label)
+            log(f"WARNING: label '{label}' has a single example ({where}): the model sees it once and it cannot "
+                "be evaluated; add examples or fix the label")
+    return classes
+
+
+# --------------------------------------------------------------------------------------------------------------
+# batches
+
+
+class TokenBatches:
+    """Training batches of token ids: seeded order, length buckets, each batch padded to its longest text."""
+
+    def __init__(self, ids: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
+                 sampler: str, device: torch.device):
+        self.ids, self.lengths, self.labels = ids, lengths, labels  # int32 (N, T_max), (N,), int64 (N,), on the CPU
+        self.bs, self.seed, self.sampler, self.device = batch_size, seed, sampler, device
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(len(self.labels) / self.bs))  # no BatchNorm here: the short last batch is kept
+
+    def plan(self, epoch: int) -> list[torch.Tensor]:
+        """The epoch's batches of row indices; a function of (seed, epoch) alone, so a resume repeats it."""
+        g = derived_generator(self.seed, epoch)
+        order = epoch_order(self.labels, self.sampler, g)
+        batches: list[torch.Tensor] = []
+        chunk = self.bs * BUCKET
+        for c in range(0, len(order), chunk):
+            part = order[c:c + chunk]
+            part = part[torch.argsort(self.lengths[part], stable=True)]  # similar lengths share a batch
+            batches += list(part.split(self.bs))
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def epoch(self, epoch: int, start: int = 0):
+        for idx in self.plan(epoch)[start:]:
+            width = int(self.lengths[idx].max())
+            x = self.ids[idx, :width].long()  # (B, T) padded on the right
+            yield x.to(self.device, non_blocking=True), self.labels[idx].to(self.device, non_blocking=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the data set
+
+
+class TextData:
+    kind = "text"
+
+    def __init__(self, rows: list[Row], classes: list[str], tokenizer, tokenizer_type: str, cfg: TextTrainConfig,
+                 report: dict, encoder: str | None):
+        self.rows, self.classes, self.cfg, self.report, self.encoder = rows, classes, cfg, report, encoder
+        self.tokenizer_type = tokenizer_type  # bpe | wordpiece | pretrained
+        self.class_index = {c: i for i, c in enumerate(classes)}
+        self._use_tokenizer(tokenizer)
+
+    # ---- construction ----
+    @classmethod
+    def load(cls, cfg: TextTrainConfig, log=print) -> TextData:
+        from nnforge.models.text import encoder_source
+
+        files = find_files(cfg.data)
+        rows, skipped, encodings = read_all(files, cfg.text_col, cfg.label_col)
+        if not rows:
+            first = f"; first: {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
+            raise DataError(f"{cfg.data}: no usable rows ({len(skipped)} skipped{first})")
+        classes = _check_labels(rows, cfg.data, log)
+        _assign_splits(rows, cfg)
+
+        encoder = encoder_source(cfg.model, cfg.encoder)
+        reused = _tokenizer_beside(cfg.weights) if cfg.weights and encoder is None else None
+        if encoder is not None:
+            tok, kind = pretrained_tokenizer(encoder), "pretrained"
+            log(f"tokenizer: the encoder's own ({encoder}), {tok.get_vocab_size()} ids")
+            if cfg.lr > 1e-3 and not cfg.freeze_encoder:
+                log(f"note: fine-tuning a pretrained encoder usually wants --lr 2e-5 to 1e-4; this run uses {cfg.lr:g}")
+        elif reused is not None:
+            tok, kind = load_tokenizer(reused, cfg.max_len), "reused"
+            log(f"tokenizer: {reused} (from --weights, so the embeddings line up), {tok.get_vocab_size()} ids")
+        else:
+            train_texts = [r.text for r in rows if r.split == "train"]
+            tok, kind = train_tokenizer(train_texts, cfg.tokenizer, cfg.vocab_size, cfg.lowercase), cfg.tokenizer
+            log(f"tokenizer: {cfg.tokenizer} trained on {len(train_texts)} training texts, {tok.get_vocab_size()} ids")
+        if cfg.weights and encoder is None and reused is None:
+            log(f"WARNING: no {TOKENIZER_FILE} beside {cfg.weights}; a new tokenizer was trained, so the loaded "
+                "embeddings do not match its ids")
+        report = {"data": str(Path(cfg.data).resolve()), "files": len(files), "encoding": encodings,
+                  "fingerprint": fingerprint_files([str(p) for p, _ in files],
+                                                   extra=f"{cfg.text_col}\0{cfg.label_col}"),
+                  "rows": len(rows) + len(skipped), "skipped": skipped}
+        data = cls(rows, classes, tok, kind, cfg, report, encoder)
+        data._finish_report(log)
+        return data
+
+    def _use_tokenizer(self, tok) -> None:
+        """Tokenize every row with `tok`; rows that give no tokens at all are skipped (and reported)."""
+        self.pad_id = pad_id_of(tok)  # before configure(), which turns a pretrained tokenizer's padding off
+        self.tokenizer = configure(tok, self.cfg.max_len)
+        encs = self.tokenizer.encode_batch([r.text for r in self.rows])
+        keep = [i for i, e in enumerate(encs) if e.ids]
+        if len(keep) < len(self.rows):
+            self.report["skipped"] += [{"path": self.rows[i].where, "reason": "no tokens after tokenization"}
+                                       for i, e in enumerate(encs) if not e.ids]
+            self.rows, encs = [self.rows[i] for i in keep], [encs[i] for i in keep]
+        self.ids = [np.asarray(e.ids, dtype=np.int64) for e in encs]
+        self.truncated = sum(1 for e in encs if e.overflowing)
+
+    def _finish_report(self, log) -> None:
+        r, rows = self.report, self.rows
+        lengths = np.array([len(i) for i in self.ids])
+        r["usable"] = len(rows)
+        r["counts"] = {sp: dict(sorted(Counter(x.label for x in rows if x.split == sp).items()))
+                       for sp in ("train", "val", "test")}
+        r["duplicates"] = _duplicates(rows)
+        r["tokenizer"] = {"type": self.tokenizer_type, "vocab_size": self.tokenizer.get_vocab_size(),
+                          "max_len": self.cfg.max_len, "truncated": self.truncated,
+                          "tokens_mean": round(float(lengths.mean()), 1),
+                          "tokens_p95": int(np.percentile(lengths, 95)), "tokens_max": int(lengths.max())}
+        _print_report(r, log)
+
+    # ---- what the task needs ----
+    @property
+    def spec(self) -> dict:
+        """Everything predict/serve need to turn a text into the model's input (the tokenizer is in the run)."""
+        return {"kind": "text", "tokenizer": TOKENIZER_FILE, "tokenizer_type": self.tokenizer_type,
+                "vocab_size": self.tokenizer.get_vocab_size(), "max_len": self.cfg.max_len, "pad_id": self.pad_id,
+                "lowercase": self.cfg.lowercase if self.encoder is None else None}
+
+    def model_kwargs(self) -> dict:
+        kw = {"vocab_size": self.tokenizer.get_vocab_size(), "pad_id": self.pad_id, "max_len": self.cfg.max_len}
+        if self.encoder is not None:  # the architecture travels with the run: rebuilding it needs no download
+            from nnforge.models.text import encoder_config
+
+            kw.update(encoder=self.cfg.encoder, encoder_config=encoder_config(self.encoder),
+                      freeze_encoder=self.cfg.freeze_encoder)
+        return kw
+
+    def _index(self, split: str) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r.split == split]
+
+    def items(self, split: str) -> list[str]:
+        return [self.rows[i].text for i in self._index(split)]
+
+    def labels(self, split: str) -> torch.Tensor:
+        return torch.tensor([self.class_index[self.rows[i].label] for i in self._index(split)], dtype=torch.long)
+
+    def split_record(self) -> dict:
+        return {sp: [[self.rows[i].text, self.rows[i].label] for i in self._index(sp)]
+                for sp in ("train", "val", "test")}
+
+    def train_source(self, device: torch.device) -> TokenBatches:
+        idx = self._index("train")
+        seqs = [self.ids[i] for i in idx]
+        ids = torch.from_numpy(pad_batch(seqs, self.pad_id).astype(np.int32))  # int32 halves the memory
+        lengths = torch.tensor([len(s) for s in seqs])
+        return TokenBatches(ids, lengths, self.labels("train"), self.cfg.batch_size, self.cfg.seed,
+                            self.cfg.sampler, device)
+
+    def eval_batches(self, split: str, device: torch.device, batch_size: int = 512):
+        """(ids, labels) batches of a split in file order, each padded to its longest text."""
+        idx, labels = self._index(split), self.labels(split)
+        for s in range(0, len(idx), batch_size):
+            x = torch.from_numpy(pad_batch([self.ids[i] for i in idx[s:s + batch_size]], self.pad_id))
+            yield x.to(device), labels[s:s + batch_size].to(device)
+
+    def save_artifacts(self, run_path: str | Path) -> None:
+        """Write the tokenizer into the run. A resumed run keeps the tokenizer its checkpoints were trained with."""
+        path = Path(run_path) / TOKENIZER_FILE
+        if path.is_file():
+            existing = load_tokenizer(path, self.cfg.max_len)
+            if existing.to_str() != self.tokenizer.to_str():
+                self._use_tokenizer(existing)
+            return
+        self.tokenizer.save(str(path))
+
+
+def _tokenizer_beside(weights: str) -> Path | None:
+    """The tokenizer.json of the run that --weights points into (a run folder or a file in its checkpoints/)."""
+    p = Path(weights)
+    for folder in (p, p.parent, p.parent.parent):
+        if (folder / TOKENIZER_FILE).is_file():
+            return folder / TOKENIZER_FILE
+    return None
+
+
+def _print_report(r: dict, log) -> None:
+    c, t = r["counts"], r["tokenizer"]
+    log(f"data: {r['usable']} usable of {r['rows']} rows in {r['files']} file(s) "
+        f"({', '.join(sorted(set(r['encoding'].values())))}), {len(c['train'])} classes; "
+        f"train {sum(c['train'].values())} / val {sum(c['val'].values())} / test {sum(c['test'].values())}; "
+        f"tokens per text: mean {t['tokens_mean']}, p95 {t['tokens_p95']}, max {t['tokens_max']}")
+    if t["truncated"]:
+        log(f"note: {t['truncated']} texts are longer than max_len {t['max_len']} tokens and were cut")
+    if r["skipped"]:
+        log(f"skipped {len(r['skipped'])} unusable rows (listed in data_report.json):")
+        for s in r["skipped"][:10]:
+            log(f"  {s['path']}: {s['reason']}")
+        if len(r["skipped"]) > 10:
+            log(f"  ... and {len(r['skipped']) - 10} more")
+    leaks = [d for d in r["duplicates"] if d["leak"]]
+    if leaks:
+        log(f"WARNING: {len(leaks)} texts appear in more than one split (leakage), e.g.")
+        for d in leaks[:5]:
+            log(f"  {' == '.join(d['paths'][:3])}")
+    clash = [d for d in r["duplicates"] if len(d["labels"]) > 1]
+    if clash:
+        log(f"WARNING: {len(clash)} texts appear with different labels, e.g. {' / '.join(clash[0]['paths'][:3])}")
+    counts = list(c["train"].values())
+    if counts and max(counts) > 3 * min(counts):
+        log(f"note: classes are imbalanced ({min(counts)} to {max(counts)} training texts); consider "
+            "--class-weights auto or --sampler balanced")
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# inference
+
+
+class TextPreprocessor:
+    """Text -> token ids with the run's own tokenizer: the one path for evaluate, predict, export and serve."""
+
+    kind = "text"
+
+    def __init__(self, spec: dict, run_dir: str | Path | None):
+        if run_dir is None:
+            raise ValueError("a text run's preprocessor needs the run folder (its tokenizer.json lives there)")
+        self.max_len, self.pad_id = int(spec["max_len"]), int(spec.get("pad_id", 0))
+        self.tokenizer = load_tokenizer(Path(run_dir) / spec.get("tokenizer", TOKENIZER_FILE), self.max_len)
+
+    def decode(self, item: str | bytes) -> np.ndarray:
+        """A text (or its UTF-8 bytes) -> int64 token ids (T,), T <= max_len."""
+        if isinstance(item, bytes):
+            try:
+                item = item.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(f"text is not valid UTF-8 (bad byte at offset {err.start})") from None
+        if not isinstance(item, str):
+            raise InputError(f"expected a text, got {type(item).__name__}")
+        if not item.strip():
+            raise InputError("empty text")
+        ids = self.tokenizer.encode(item).ids
+        if not ids:
+            raise InputError("the text gives no tokens")
+        return np.asarray(ids, dtype=np.int64)
+
+    def load(self, item: str | bytes) -> np.ndarray:
+        return self.decode(item)
+
+    def batch(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return pad_batch(arrays, self.pad_id)
+
+    def example(self, n: int = 2) -> np.ndarray:
+        """A batch of real token ids (export tracing): (n, T) with T != n, so the two axes cannot be confused."""
+        ids = self.decode("an example sentence, long enough to trace the model with a real sequence of tokens")
+        if len(ids) == n:
+            ids = ids[:-1]
+        return np.tile(ids, (n, 1))

