@@ -126,7 +126,8 @@ def cmd_tutorial(a) -> None:
           f"first run incl. checking+decoding 60k PNGs: {cold:.1f} s wall")
     print(f"ratio (tutorial epoch / nnforge epoch): {tut['seconds'] / nn['epoch_s'][0]:.2f}x")
     print(f"seed_cnn: {fpi / 1e6:.2f} MFLOP per image (forward+backward)")
-    print(f"achieved: tutorial {tut['images_per_s'] * fpi / 1e9:.1f} GFLOP/s, nnforge {nn_rate * fpi / 1e9:.1f} GFLOP/s")
+    print(f"achieved: tutorial {tut['images_per_s'] * fpi / 1e9:.1f} GFLOP/s, "
+          f"nnforge {nn_rate * fpi / 1e9:.1f} GFLOP/s")
     print(f"peaks at {peaks['clock_ghz']} GHz x {peaks['cores']} cores: fp32 AVX2 FMA {peaks['fp32_avx2_fma']:.0f}, "
           f"fp32 AVX-512 FMA {peaks['fp32_avx512_fma']:.0f}, bf16 AMX {peaks['bf16_amx']:.0f} GFLOP/s")
     print(f"nnforge at {100 * nn_rate * fpi / 1e9 / peaks['fp32_avx2_fma']:.1f}% of the AVX2 FMA peak")
