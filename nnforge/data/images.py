@@ -404,20 +404,28 @@ def _print_report(r: dict, log) -> None:
     log(f"data: {r['usable']} usable of {r['files']} files, {len(c['train'])} classes; "
         f"train {sum(c['train'].values())} / val {sum(c['val'].values())} / test {sum(c['test'].values())}; "
         f"{r['channels']}x{r['size']}x{r['size']}")
+    log_problems(r, log, "files", "images")
+
+
+def log_problems(r: dict, log, unit: str, noun: str) -> None:
+    """The parts of a data report a person must see: skipped items, cross-split duplicates, class imbalance."""
     if r["skipped"]:
-        log(f"skipped {len(r['skipped'])} unusable files (listed in data_report.json):")
+        log(f"skipped {len(r['skipped'])} unusable {unit} (listed in data_report.json):")
         for s in r["skipped"][:10]:
             log(f"  {s['path']}: {s['reason']}")
         if len(r["skipped"]) > 10:
             log(f"  ... and {len(r['skipped']) - 10} more")
     leaks = [d for d in r["duplicates"] if d["leak"]]
     if leaks:
-        log(f"WARNING: {len(leaks)} files appear in more than one split (identical content: leakage), e.g.")
+        log(f"WARNING: {len(leaks)} {noun} appear in more than one split (identical content: leakage), e.g.")
         for d in leaks[:5]:
             log(f"  {' == '.join(d['paths'][:3])}")
-    counts = list(c["train"].values())
+    clash = [d for d in r["duplicates"] if len(d.get("labels", [])) > 1]
+    if clash:
+        log(f"WARNING: {len(clash)} {noun} appear with different labels, e.g. {' / '.join(clash[0]['paths'][:3])}")
+    counts = list(r["counts"]["train"].values())
     if counts and max(counts) > 3 * min(counts):
-        log(f"note: classes are imbalanced ({min(counts)} to {max(counts)} training images); consider "
+        log(f"note: classes are imbalanced ({min(counts)} to {max(counts)} training {noun}); consider "
             "--class-weights auto or --sampler balanced")
     sys.stdout.flush()
 

@@ -27,7 +27,7 @@ import torch
 
 from nnforge.config import TextTrainConfig
 from nnforge.data.cache import fingerprint_files
-from nnforge.data.images import DataError, epoch_order
+from nnforge.data.images import DataError, epoch_order, log_problems
 from nnforge.data.preprocess import InputError
 from nnforge.data.splits import stratified_split
 from nnforge.data.tokenizer import (
@@ -466,24 +466,7 @@ def _print_report(r: dict, log) -> None:
         f"tokens per text: mean {t['tokens_mean']}, p95 {t['tokens_p95']}, max {t['tokens_max']}")
     if t["truncated"]:
         log(f"note: {t['truncated']} texts are longer than max_len {t['max_len']} tokens and were cut")
-    if r["skipped"]:
-        log(f"skipped {len(r['skipped'])} unusable rows (listed in data_report.json):")
-        for s in r["skipped"][:10]:
-            log(f"  {s['path']}: {s['reason']}")
-        if len(r["skipped"]) > 10:
-            log(f"  ... and {len(r['skipped']) - 10} more")
-    leaks = [d for d in r["duplicates"] if d["leak"]]
-    if leaks:
-        log(f"WARNING: {len(leaks)} texts appear in more than one split (leakage), e.g.")
-        for d in leaks[:5]:
-            log(f"  {' == '.join(d['paths'][:3])}")
-    clash = [d for d in r["duplicates"] if len(d["labels"]) > 1]
-    if clash:
-        log(f"WARNING: {len(clash)} texts appear with different labels, e.g. {' / '.join(clash[0]['paths'][:3])}")
-    counts = list(c["train"].values())
-    if counts and max(counts) > 3 * min(counts):
-        log(f"note: classes are imbalanced ({min(counts)} to {max(counts)} training texts); consider "
-            "--class-weights auto or --sampler balanced")
+    log_problems(r, log, "rows", "texts")
     sys.stdout.flush()
 
 
