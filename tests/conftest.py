@@ -59,3 +59,10 @@ def trained_run(png_tree, tmp_path_factory) -> Path:
     run = nnforge.train("image", data=str(png_tree), epochs=3, batch_size=8, out=str(out), name="tiny",
                         workers=1, precision="fp32", lr=3e-3, val_split=0.2, test_split=0.2)
     return run.path
+
+
+def builtin_models(family: str) -> list[str]:
+    """Registered models that ship with nnforge (tests may register their own, e.g. the doctor's planted faults)."""
+    from nnforge.models import get_entry, list_models
+
+    return [n for n in list_models(family=family) if get_entry(n).fn.__module__.startswith("nnforge.")]

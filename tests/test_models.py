@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import builtin_models
 from PIL import Image
 
-from nnforge.models import create_model, get_entry, list_models
+from nnforge.models import create_model, get_entry
 from nnforge.models import efficientnet_lite as lite
 
-IMAGE_MODELS = list_models(family="image")
+IMAGE_MODELS = builtin_models("image")
 # (name, in_chans, side): every model at 3x32x32 (torchvision nets accept it), small-image nets also 1x28x28.
 SHAPES = [(name, 3, 32) for name in IMAGE_MODELS] + [(n, 1, 28) for n in ("seed_cnn", "resnet_tiny")]
 

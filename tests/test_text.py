@@ -16,16 +16,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import builtin_models
 
 from nnforge.config import TextTrainConfig
 from nnforge.data.images import DataError
 from nnforge.data.preprocess import InputError, build_preprocessor
 from nnforge.data.text import TextData, TokenBatches, detect_encoding, read_file, read_labelled_texts
 from nnforge.data.tokenizer import load_tokenizer, pad_batch, train_tokenizer
-from nnforge.models import create_model, get_entry, list_models
+from nnforge.models import create_model, get_entry
 from nnforge.models import text as text_models
 
-TEXT_MODELS = list_models(family="text")
+TEXT_MODELS = builtin_models("text")
 SCRATCH_MODELS = [m for m in TEXT_MODELS if m not in text_models.PRETRAINED_ENCODERS]
 GOOD = "brilliant moving superb funny charming".split()
 BAD = "dull tedious awful clumsy boring".split()

@@ -18,12 +18,12 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
+from conftest import builtin_models
 
 import nnforge
 from nnforge.cli import main
 from nnforge.config import TextTrainConfig
 from nnforge.data.text import TextData
-from nnforge.models import list_models
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = {"pos": "brilliant moving superb funny charming".split(), "neg": "dull tedious awful clumsy boring".split()}
@@ -72,7 +72,7 @@ def export_and_check(pred, batches: list[list[str]], path: Path) -> float:
     return worst
 
 
-@pytest.mark.parametrize("model", list_models(family="text"))
+@pytest.mark.parametrize("model", builtin_models("text"))
 def test_train_predict_export_parity(reviews, tmp_path, model):
     # One file, no test split: evaluation (the same for every model, tested below) is left out to save time.
     kw = {"freeze_encoder": True, "max_len": 16, "lr": 1e-3} if model == "minilm" else {}
