@@ -149,7 +149,8 @@ class Predictor:
         self.model.to(self.device).eval()
         self.preprocessor = build_preprocessor(self.spec, self.run.path)
 
-    def _load(self, item):
+    def load_input(self, item) -> np.ndarray:
+        """One input (a file path or bytes for images; a string or bytes for text) -> the model's input array."""
         pre = self.preprocessor
         if isinstance(item, bytes):
             return pre.decode(item)
@@ -160,17 +161,34 @@ class Predictor:
         x = torch.from_numpy(arrays).to(self.device)
         return self.model(x).float().cpu().numpy()
 
+    def chunks(self, inputs: list, batch_size: int = 512):
+        """Per chunk: (indices of the usable inputs, their (n, K) probabilities, [(index, reason)] of the others).
+
+        Each input is decoded once, and only one chunk is held in memory at a time.
+        """
+        for start in range(0, len(inputs), batch_size):
+            good, arrays, bad = [], [], []
+            for i in range(start, min(start + batch_size, len(inputs))):
+                try:
+                    arrays.append(self.load_input(inputs[i]))
+                    good.append(i)
+                except InputError as err:
+                    bad.append((i, str(err)))
+            probs = np.zeros((0, len(self.classes)), np.float32)
+            if arrays:
+                probs = torch.softmax(torch.from_numpy(self.logits(self.preprocessor.batch(arrays))), 1).numpy()
+            yield good, probs, bad
+
     def predict_proba(self, inputs: list, batch_size: int = 256) -> np.ndarray:
         """(N, K) class probabilities; raises InputError naming the first bad input."""
         out = []
-        for i in range(0, len(inputs), batch_size):
-            arrays = [self._load(item) for item in inputs[i:i + batch_size]]
-            logits = self.logits(self.preprocessor.batch(arrays))
-            out.append(torch.softmax(torch.from_numpy(logits), 1).numpy())
+        for _, probs, bad in self.chunks(inputs, batch_size):
+            if bad:
+                raise InputError(bad[0][1])
+            out.append(probs)
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
-    def predict(self, inputs: list, top_k: int = 3) -> list[dict]:
-        probs = self.predict_proba(inputs)
+    def rows(self, inputs: list, probs: np.ndarray, top_k: int = 3) -> list[dict]:
         k = min(top_k, len(self.classes))
         rows = []
         for item, p in zip(inputs, probs, strict=True):
@@ -178,6 +196,9 @@ class Predictor:
             rows.append({"input": item if isinstance(item, str) else "<bytes>",
                          "labels": [self.classes[j] for j in top], "probs": [float(p[j]) for j in top]})
         return rows
+
+    def predict(self, inputs: list, top_k: int = 3) -> list[dict]:
+        return self.rows(inputs, self.predict_proba(inputs), top_k)
 
 
 def expand_inputs(inputs: list[str], kind: str) -> list[str]:
@@ -199,14 +220,11 @@ def expand_inputs(inputs: list[str], kind: str) -> list[str]:
 
 def predict_safely(pred: Predictor, inputs: list, top_k: int = 3) -> tuple[list[dict], list[dict]]:
     """Predict what can be predicted; bad inputs are returned with their reason instead of stopping the batch."""
-    good, bad = [], []
-    for item in inputs:
-        try:
-            pred._load(item)
-            good.append(item)
-        except InputError as err:
-            bad.append({"input": item, "error": str(err)})
-    return (pred.predict(good, top_k) if good else []), bad
+    rows, bad = [], []
+    for good, probs, failed in pred.chunks(inputs):
+        rows += pred.rows([inputs[i] for i in good], probs, top_k)
+        bad += [{"input": inputs[i], "error": reason} for i, reason in failed]
+    return rows, bad
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,17 +256,10 @@ def evaluate_run(run_path: str | Path, data: str | None = None, device: str = "a
     if not items:
         raise ValueError(f"{run.path}: no test examples to evaluate (pass --data)")
     keep, skipped, probs = [], [], []
-    for start in range(0, len(items), 512):  # decode a chunk, predict it, let it go: memory stays bounded
-        arrays = []
-        for item, y in zip(items[start:start + 512], labels[start:start + 512], strict=True):
-            try:
-                arrays.append(pred._load(item))
-                keep.append((item, y))
-            except InputError as err:
-                skipped.append({"path": str(item), "reason": str(err)})
-        if arrays:
-            logits = torch.from_numpy(pred.logits(pred.preprocessor.batch(arrays)))
-            probs.append(torch.softmax(logits, 1).numpy())
+    for good, p, failed in pred.chunks(items):
+        keep += [(items[i], labels[i]) for i in good]
+        skipped += [{"path": str(items[i]), "reason": reason} for i, reason in failed]
+        probs.append(p)
     if not keep:
         raise ValueError(f"none of the {len(items)} examples could be read (first: {skipped[0]['path']}: "
                          f"{skipped[0]['reason']})")
