@@ -208,27 +208,24 @@ class TensorBatches:
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    """Streams image files; training augmentation is seeded per (seed, epoch, index) so resumes repeat exactly."""
+    """Streams training images; augmentation is seeded per (seed, epoch, index) so resumes repeat exactly."""
 
-    def __init__(self, paths, labels, channels, size, train, seed):
-        self.paths, self.labels, self.channels, self.size = paths, labels, channels, size
-        self.train, self.seed, self.epoch = train, seed, 0
+    def __init__(self, paths, labels, channels, size, seed):
+        from torchvision.transforms import v2
+
+        self.paths, self.labels, self.channels, self.seed, self.epoch = paths, labels, channels, seed, 0
+        self.augment = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, scale=(0.25, 1.0), antialias=True),
+                                   v2.RandomHorizontalFlip()])
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
-        if not self.train:
-            return torch.from_numpy(read_image(self.paths[i], self.channels, self.size)), self.labels[i]
         from PIL import Image
-        from torchvision.transforms import v2
 
         torch.manual_seed(int(derived_generator(self.seed, self.epoch, i).initial_seed()))
         with Image.open(self.paths[i]) as img:
-            img = img.convert("L" if self.channels == 1 else "RGB")
-            t = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(self.size, scale=(0.25, 1.0), antialias=True),
-                            v2.RandomHorizontalFlip()])
-            return t(img), self.labels[i]
+            return self.augment(img.convert("L" if self.channels == 1 else "RGB")), self.labels[i]
 
 
 class StreamBatches:
@@ -355,7 +352,7 @@ class ImageData:
             pad = cfg.crop_pad if cfg.crop_pad is not None else self.size // 8
             return TensorBatches(self.tensors[rows].to(device), labels.to(device), cfg.batch_size, cfg.seed,
                                  mean, std, pad, cfg.flip, cfg.sampler)
-        ds = _FileDataset(self.items("train"), labels.tolist(), self.channels, self.size, True, cfg.seed)
+        ds = _FileDataset(self.items("train"), labels.tolist(), self.channels, self.size, cfg.seed)
         return StreamBatches(ds, cfg.batch_size, cfg.seed, mean, std, device, cfg.workers or os.cpu_count() or 1,
                              cfg.sampler)
 
