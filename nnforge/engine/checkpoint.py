@@ -53,10 +53,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def save_checkpoint(path: str | Path | list, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Serialise once and write it atomically to `path` (or to each of a list of paths, e.g. last and best)."""
     # safetensors refuses shared or non-contiguous storage; a clone per tensor is cheap next to disk io.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(flat, metadata={_META_KEY: json.dumps(meta)}))
+    data = save(flat, metadata={_META_KEY: json.dumps(meta)})
+    for p in path if isinstance(path, list) else [path]:
+        atomic_write_bytes(p, data)
 
 
 def _looks_like_pickle(path: Path) -> bool:

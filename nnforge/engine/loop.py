@@ -151,7 +151,7 @@ def fit(
         print(f"{run.path} already has {state.epoch} epochs; pass a larger --epochs to extend it", file=sys.stderr)
         return state
 
-    def save(which: str) -> None:
+    def save(*which: str) -> None:
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         if ema:
             tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
@@ -160,7 +160,7 @@ def fit(
         tensors.update(opt_t)
         tensors.update(rng_t)
         meta = dict(ckpt_meta, state=asdict(state), optimizer=opt_j, rng=rng_j, config=cfg.model_dump(mode="json"))
-        save_checkpoint(run.checkpoint(which), tensors, meta)
+        save_checkpoint([run.checkpoint(w) for w in which], tensors, meta)
 
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     run_start = time.perf_counter()
@@ -239,9 +239,7 @@ def fit(
                 state.bad_epochs += 1
             if cfg.early_stop and state.bad_epochs >= cfg.early_stop and state.epoch < cfg.epochs:
                 state.stopped = "early_stop"
-            save("last")
-            if improved:
-                save("best")
+            save("last", *(["best"] if improved else []))  # one serialisation for both files
             done = state.epoch - epochs_at_start
             eta = (time.perf_counter() - run_start) / done * (cfg.epochs - state.epoch)
             extra = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
