@@ -14,6 +14,7 @@ wall time of the whole `train` call (cache warm). Peak memory is the process's m
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -94,15 +95,17 @@ def nnforge_epoch(data: Path, model: str, out: Path, epochs: int = 1, seed: int 
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stderr[-3000:]}")
     wall = time.perf_counter() - t0
     import csv
-    import json
 
     run = out / "image" / name
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     report = json.loads((run / "eval" / "report.json").read_text())
     return {"wall_s": wall, "epoch_s": [float(r["epoch_time_s"]) for r in rows],
+            "elapsed_s": [float(r["elapsed_s"]) for r in rows],
             "images_per_s": [float(r["examples_per_s"]) for r in rows], "test_acc": report["accuracy"],
             "val_acc": [float(r["val_acc"]) for r in rows], "run": str(run)}
 
@@ -218,6 +221,60 @@ def cmd_recipe(a) -> None:
     print(f"peak RSS of the largest train process {max_rss_mb(True):.0f} MB")
 
 
+# Recipes for the time-to-accuracy run: the default, then wider resnet_tiny nets with bigger batches, cheapest
+# first. Overrides of `nnforge train image` (model_args takes KEY=VALUE like the --model-args flag).
+TO_ACCURACY: dict[str, dict] = {
+    "default-e7": {"epochs": 7},
+    "w32-b512-e12": {"model_args": "width=32", "batch_size": 512, "epochs": 12, "lr": 4e-3, "weight_decay": 0.05},
+    "w48-b512-e12": {"model_args": "width=48", "batch_size": 512, "epochs": 12, "lr": 4e-3, "weight_decay": 0.05},
+    "w64-b512-e10": {"model_args": "width=64", "batch_size": 512, "epochs": 10, "lr": 4e-3, "weight_decay": 0.05},
+    "w64-b512-e16": {"model_args": "width=64", "batch_size": 512, "epochs": 16, "lr": 4e-3, "weight_decay": 0.05},
+    "w32-b512-e20": {"model_args": "width=32", "batch_size": 512, "epochs": 20, "lr": 4e-3, "weight_decay": 0.05},
+}
+
+
+def _overrides(text: str) -> dict:
+    """'epochs=7,weight_decay=0.05' -> {'epochs': '7', 'weight_decay': '0.05'} (values go to the CLI as text)."""
+    out = {}
+    for part in filter(None, text.split(";")):
+        key, _, value = part.partition("=")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def cmd_to_accuracy(a) -> None:
+    """Each recipe once, alone and in turn; reports test accuracy and the time fit() took (from metrics.csv)."""
+    out = Path(a.out or tempfile.mkdtemp(prefix="nnforge-tta-"))
+    recipes = {name: TO_ACCURACY[name] for name in a.recipes} if a.recipes is not None else dict(TO_ACCURACY)
+    recipes.update({c: _overrides(c) for c in a.custom})
+    if not a.no_warmup:
+        t0 = time.perf_counter()
+        nnforge_epoch(Path(a.data), "resnet_tiny", out, epochs=1, seed=99)  # warm the tensor cache (decode once)
+        print(f"cache warm-up run: {time.perf_counter() - t0:.1f} s", flush=True)
+    rows = []
+    for name, kw in recipes.items():
+        kw = dict(kw)
+        epochs = int(kw.pop("epochs", ImageTrainConfig.model_fields["epochs"].default))
+        r = nnforge_epoch(Path(a.data), "resnet_tiny", out, epochs=epochs, seed=a.seed, **kw)
+        hit = next((i + 1 for i, v in enumerate(r["val_acc"]) if v >= a.target), None)
+        rows.append({"recipe": name, "overrides": kw, "epochs": epochs, **r, "val_epoch_at_target": hit})
+        print(f"{name}: test {r['test_acc']:.4f}  fit {r['elapsed_s'][-1]:.1f} s  loops {sum(r['epoch_s']):.1f} s  "
+              f"whole call {r['wall_s']:.1f} s  val {[round(v, 4) for v in r['val_acc']]}", flush=True)
+    print(f"\n== time to {100 * a.target:.1f}% test accuracy, resnet_tiny recipes, seed {a.seed} ==")
+    print("| recipe | epochs | test acc | fit() s | training loops s | whole `nnforge train` s | img/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['recipe']} {r['overrides'] or ''} | {r['epochs']} | {100 * r['test_acc']:.2f}% | "
+              f"{r['elapsed_s'][-1]:.1f} | {sum(r['epoch_s']):.1f} | {r['wall_s']:.1f} | "
+              f"{statistics.median(r['images_per_s']):.0f} |")
+    hits = [r for r in rows if r["test_acc"] >= a.target]
+    best = min(hits, key=lambda r: r["elapsed_s"][-1]) if hits else None
+    print(f"fastest recipe at >= {100 * a.target:.1f}%: " +
+          (f"{best['recipe']} in {best['elapsed_s'][-1]:.1f} s of fit()" if best else "none reached it"))
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT / "data" / "fashion-mnist"))
@@ -231,10 +288,19 @@ def main() -> None:
     r = sub.add_parser("recipe")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--epochs", type=int, default=6)
+    ta = sub.add_parser("to-accuracy", help="time-to-accuracy of several recipes (meant for a GPU)")
+    ta.add_argument("--target", type=float, default=0.94)
+    ta.add_argument("--seed", type=int, default=0)
+    ta.add_argument("--recipes", nargs="*", choices=list(TO_ACCURACY), help="default: all of TO_ACCURACY")
+    ta.add_argument("--custom", nargs="*", default=[], help="extra recipes as 'key=value;key=value'")
+    ta.add_argument("--out", help="keep the run folders here")
+    ta.add_argument("--no-warmup", action="store_true", help="the tensor cache is already warm")
+    ta.add_argument("--json", help="also write the rows to this JSON file")
     a = ap.parse_args()
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {os.cpu_count()} cores, "
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}{gpu}, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.2f}")
-    {"tutorial": cmd_tutorial, "engine": cmd_engine, "recipe": cmd_recipe}[a.cmd](a)
+    {"tutorial": cmd_tutorial, "engine": cmd_engine, "recipe": cmd_recipe, "to-accuracy": cmd_to_accuracy}[a.cmd](a)
 
 
 if __name__ == "__main__":

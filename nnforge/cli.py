@@ -31,13 +31,31 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type[BaseModel]) -
         flag = "--" + name.replace("_", "-")
         default = field.default if field.default is not None else "null"
         help_ = f"{field.description or ''} (default: {default})"
-        if ann is bool:
+        if typing.get_origin(ann) is dict:
+            parser.add_argument(flag, dest=name, type=_key_values, default=None, metavar="KEY=VALUE[,KEY=VALUE]",
+                                help=help_)
+        elif ann is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         elif typing.get_origin(ann) is typing.Literal:
             parser.add_argument(flag, dest=name, choices=list(args), default=None, help=help_)
         else:
             parser.add_argument(flag, dest=name, type=ann if ann in (int, float) else str, default=None,
                                 help=help_, required=field.is_required() and name != "data")
+
+
+def _key_values(text: str) -> dict:
+    """'width=32,dropout=0.2' -> {'width': 32, 'dropout': 0.2}; values are read as YAML scalars."""
+    import re
+
+    import yaml
+
+    out = {}
+    for part in filter(None, re.split(r",(?=\s*\w+=)", text)):  # commas inside values (widths=[3,5]) stay
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs separated by commas, got '{part}'")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,10 +233,12 @@ def _cmd_compare(a) -> int:
 
 def _cmd_list_models(a) -> int:
     from nnforge.models import get_entry, list_models
+    from nnforge.models.registry import model_options
 
     for name in list_models(a.pattern, a.family):
         e = get_entry(name)
-        print(f"{name:24s} {e.family:6s} {e.doc}")
+        options = model_options(name)
+        print(f"{name:24s} {e.family:6s} {e.doc}" + (f"\n{'':31s} options: {', '.join(options)}" if options else ""))
     return 0
 
 

@@ -76,6 +76,8 @@ class ImageTrainConfig(EngineConfig):
     """Class folders, train/ val/ test/ folders, or a CSV with path and label columns."""
     model: str = "resnet_tiny"
     """Registered model name (nnforge list-models)."""
+    model_args: dict[str, int | float | bool | str] = {}
+    """Extra model options, e.g. width=32 for resnet_tiny (nnforge list-models shows each model's)."""
     img_size: int | None = None
     """Square side the model sees; null uses the most common size in the data (224 for large images)."""
     val_split: float = 0.1
@@ -158,6 +160,8 @@ class TextTrainConfig(EngineConfig):
     """Column (or JSON key) holding the label."""
     model: str = "bigru"
     """Registered text model name (nnforge list-models --family text)."""
+    model_args: dict[str, int | float | bool | str] = {}
+    """Extra model options, e.g. dropout=0.2 (nnforge list-models shows each model's)."""
     tokenizer: Literal["bpe", "wordpiece"] = "bpe"
     """Tokenizer trained on the training split (ignored by pretrained encoders, which bring their own)."""
     vocab_size: int = 8000

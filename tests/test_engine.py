@@ -19,7 +19,7 @@ from nnforge.engine.checkpoint import CheckpointError, load_checkpoint, load_sta
 from nnforge.engine.loop import TrainingInterrupted
 from nnforge.engine.schedule import lr_at
 
-TIME_COLUMNS = {"epoch_time_s", "examples_per_s"}
+TIME_COLUMNS = {"epoch_time_s", "elapsed_s", "examples_per_s"}
 COMMON = dict(epochs=3, batch_size=8, workers=1, val_split=0.2, test_split=0.2, ema=0.9)
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from conftest import make_png_tree
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -141,3 +142,23 @@ def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path):
     msgs.clear()
     d = ImageData.load(ImageTrainConfig(data=str(root), workers=1), cache, log=msgs.append)
     assert any("decoding" in m for m in msgs) and d.report["usable"] == 11
+
+
+def test_model_args_reach_the_model_and_travel_with_the_run(tmp_path):
+    from nnforge.api import load
+
+    data = make_png_tree(tmp_path / "d", per_class=6, bad_files=False)
+    p = nnforge("train", "image", "--data", str(data), "--epochs", "1", "--batch-size", "8", "--out",
+                str(tmp_path / "r"), "--name", "w8", "--model-args", "width=8", "--precision", "fp32")
+    run = Path(p.stdout.strip().splitlines()[-1])
+    predictor = load(run)  # rebuilt from the run alone: the option travels in the checkpoint
+    first_conv = next(m for m in predictor.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first_conv.out_channels == 8
+    assert json.loads((run / "meta.json").read_text())["model_kwargs"]["width"] == 8
+
+    bad = nnforge("train", "image", "--data", str(data), "--out", str(tmp_path / "r"), "--model-args", "widht=8",
+                  check=False)
+    assert bad.returncode == 2 and "'widht'" in bad.stderr and "width=16" in bad.stderr
+    clash = nnforge("train", "image", "--data", str(data), "--out", str(tmp_path / "r"), "--model-args",
+                    "in_chans=3", check=False)
+    assert clash.returncode == 2 and "in_chans" in clash.stderr

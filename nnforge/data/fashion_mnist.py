@@ -59,5 +59,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--limit-per-class", type=int, default=None)
+    ap.add_argument("--source", type=Path, default=SOURCE, help="folder of the four idx .gz files")
     a = ap.parse_args()
-    write_tree(a.out, limit_per_class=a.limit_per_class)
+    write_tree(a.out, source=a.source, limit_per_class=a.limit_per_class)

@@ -52,6 +52,7 @@ class TrainState:
     correct: int = 0
     seen: int = 0
     stopped: str | None = None  # early_stop | interrupted | None
+    elapsed_s: float = 0.0  # wall time spent in fit so far (training, validation, saves), across resumes
 
 
 class _StopFlag:
@@ -130,6 +131,8 @@ def fit(
     amp_dtype = resolve_precision(cfg.precision, device)
     channels_last = cfg.channels_last and device.type != "mps"
     model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # batch shapes repeat (the ragged last batch is dropped): tune once
     if channels_last:
         model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg)
@@ -164,7 +167,7 @@ def fit(
 
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     run_start = time.perf_counter()
-    epochs_at_start = state.epoch
+    epochs_at_start, elapsed_at_start = state.epoch, state.elapsed_s
     with _StopFlag() as stop:
         while state.epoch < cfg.epochs:
             epoch = state.epoch
@@ -213,6 +216,7 @@ def fit(
                 if stop.requested:
                     state.loss_sum, state.correct, state.seen = loss_sum.item(), int(correct.item()), seen
                     state.stopped = "interrupted"
+                    state.elapsed_s = elapsed_at_start + time.perf_counter() - run_start
                     save("last")
                     bar.close()
                     raise TrainingInterrupted(
@@ -225,10 +229,12 @@ def fit(
             if not math.isfinite(train_loss):
                 raise TrainingDiverged(f"loss became {train_loss} in epoch {epoch + 1}; best checkpoint untouched")
             metrics = evaluate(ema.model if ema else model)
+            state.elapsed_s = elapsed_at_start + time.perf_counter() - run_start
             state.epoch += 1
             state.batch_in_epoch, state.loss_sum, state.correct, state.seen = 0, 0.0, 0, 0
             row = {"epoch": state.epoch, "step": state.step, "lr": lr, "train_loss": train_loss,
                    "train_acc": train_acc, **metrics, "epoch_time_s": round(epoch_time, 3),
+                   "elapsed_s": round(state.elapsed_s, 3),
                    "examples_per_s": round((seen - seen_at_start) / max(epoch_time, 1e-9), 1)}
             run.log_metrics(row)
             value = metrics[cfg.monitor]

@@ -62,7 +62,33 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
-    return get_entry(name).fn(num_classes=num_classes, **kwargs)
+    entry = get_entry(name)
+    try:
+        return entry.fn(num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise ValueError(f"model '{name}' has no option {str(err).split('argument ')[-1]}; "
+                         f"its options: {', '.join(model_options(name)) or 'none'}") from None
+
+
+# Arguments every model of a family receives from the data; the rest of a builder's keywords are user options.
+_DATA_ARGS = {"num_classes", "in_chans", "img_size", "pretrained", "vocab_size", "pad_id", "max_len",
+              "encoder", "encoder_config", "freeze_encoder"}
+
+
+def model_options(name: str) -> list[str]:
+    """The keyword options a user may set through model_args, e.g. ['width=16'] for resnet_tiny."""
+    import inspect
+
+    fn = get_entry(name).fn
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):  # a thin builder: the options live on its class
+        called = [fn.__globals__.get(n) for n in fn.__code__.co_names]
+        cls = next((c for c in called if inspect.isclass(c) and issubclass(c, nn.Module)), None)
+        params = list(params) + (list(inspect.signature(cls).parameters.values()) if cls else [])
+    return [f"{p.name}={p.default!r}" for p in params
+            if p.name not in _DATA_ARGS and p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty]
 
 
 def list_models(pattern: str = "*", family: str | None = None) -> list[str]:

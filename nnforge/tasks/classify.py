@@ -71,9 +71,18 @@ def load_weights(model: nn.Module, source: str, model_name: str) -> None:
          f"{f' ({skipped} skipped: head or shape mismatch)' if skipped else ''}")
 
 
+def model_kwargs(cfg, data) -> dict:
+    """The model's constructor arguments: what the data fixes (channels, size, vocabulary), then model_args."""
+    fixed = data.model_kwargs()
+    clash = sorted(set(cfg.model_args) & set(fixed))
+    if clash:
+        raise ValueError(f"model_args: {', '.join(clash)} follow from the data and config; set them there instead")
+    return {**fixed, **cfg.model_args}
+
+
 def _meta(cfg, data, run: Run, model: nn.Module) -> dict:
     return {
-        "task": data.kind, "kind": data.kind, "model": cfg.model, "model_kwargs": data.model_kwargs(),
+        "task": data.kind, "kind": data.kind, "model": cfg.model, "model_kwargs": model_kwargs(cfg, data),
         "classes": data.classes, "num_classes": len(data.classes), "spec": data.spec, "seed": cfg.seed,
         "parameters": sum(p.numel() for p in model.parameters()),
         "data_fingerprint": data.report.get("fingerprint"), "git_commit": git_commit(Path(__file__).parent),
@@ -105,7 +114,7 @@ def train_classifier(cfg: EngineConfig, resume: str | None = None) -> Run:
     data = load_data(cfg)
     if hasattr(data, "save_artifacts"):
         data.save_artifacts(run.path)  # e.g. the text tokenizer, reloaded with the run
-    model = create_model(cfg.model, len(data.classes), **data.model_kwargs(),
+    model = create_model(cfg.model, len(data.classes), **model_kwargs(cfg, data),
                          **({"pretrained": True} if getattr(cfg, "pretrained", False) else {}))
     if getattr(cfg, "weights", None) and not resume:
         load_weights(model, cfg.weights, cfg.model)

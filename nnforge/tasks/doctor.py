@@ -336,10 +336,10 @@ def _initial_model(cfg, data, model: nn.Module | None, device: torch.device) -> 
     if model is not None:
         return copy.deepcopy(model).to(device)
     from nnforge.models import create_model
-    from nnforge.tasks.classify import load_weights
+    from nnforge.tasks.classify import load_weights, model_kwargs
 
     extra = {"pretrained": True} if getattr(cfg, "pretrained", False) else {}
-    built = create_model(cfg.model, len(data.classes), **data.model_kwargs(), **extra)
+    built = create_model(cfg.model, len(data.classes), **model_kwargs(cfg, data), **extra)
     if getattr(cfg, "weights", None):
         load_weights(built, cfg.weights, cfg.model)
     return built.to(device)
