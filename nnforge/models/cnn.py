@@ -53,6 +53,13 @@ def conv_bn(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
+def conv_pool_bn(c_in: int, c_out: int) -> nn.Sequential:
+    # Pool straight after the convolution, as the fast CIFAR-10 trainers do: BatchNorm and ReLU then run on a
+    # quarter of the pixels. On two CPU cores they cost as much as the convolutions, so a step gets ~25% faster.
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
 class Residual(nn.Module):
     def __init__(self, c: int):
         super().__init__()
@@ -63,23 +70,24 @@ class Residual(nn.Module):
 
 
 class ResNetTiny(nn.Module):
-    def __init__(self, num_classes: int, in_chans: int = 3, img_size: int = 32, width: int = 16):
+    def __init__(self, num_classes: int, in_chans: int = 3, img_size: int = 32, width: int = 16,
+                 last_width: int | None = None):
         super().__init__()
-        w = width
+        w, last = width, last_width or 8 * width
         stages = [
             conv_bn(in_chans, w),  # (B, w, H, W)
-            nn.Sequential(conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(2 * w)),  # (B, 2w, H/2, W/2)
-            nn.Sequential(conv_bn(2 * w, 4 * w), nn.MaxPool2d(2), Residual(4 * w)),  # (B, 4w, H/4, W/4)
-            nn.Sequential(conv_bn(4 * w, 8 * w), nn.MaxPool2d(2)),  # (B, 8w, H/8, W/8)
+            nn.Sequential(conv_pool_bn(w, 2 * w), Residual(2 * w)),  # (B, 2w, H/2, W/2)
+            nn.Sequential(conv_pool_bn(2 * w, 4 * w), Residual(4 * w)),  # (B, 4w, H/4, W/4)
+            conv_pool_bn(4 * w, last),  # (B, last, H/8, W/8)
         ]
         # Larger inputs get one more stride-2 stage per doubling past 64 px, so the cost stays bounded.
         extra, side = 0, img_size
         while side > 64:
             extra, side = extra + 1, side // 2
         for _ in range(extra):
-            stages.insert(1, nn.Sequential(conv_bn(w, w), nn.MaxPool2d(2)))
+            stages.insert(1, conv_pool_bn(w, w))
         self.body = nn.Sequential(*stages, nn.AdaptiveMaxPool2d(1), nn.Flatten())
-        self.head = nn.Linear(8 * w, num_classes, bias=False)
+        self.head = nn.Linear(last, num_classes, bias=False)
         self.logit_scale = 0.125  # a small logit scale keeps early softmax outputs soft (faster, stabler start)
 
     def forward(self, x):
@@ -87,10 +95,11 @@ class ResNetTiny(nn.Module):
 
 
 @register_model("resnet_tiny", family="image", head="head")
-def resnet_tiny(num_classes: int, in_chans: int = 3, img_size: int = 32, pretrained: bool = False, width: int = 16):
+def resnet_tiny(num_classes: int, in_chans: int = 3, img_size: int = 32, pretrained: bool = False, width: int = 16,
+                last_width: int | None = None):
     """Fast small residual CNN for small images (the default)."""
     _no_pretrained("resnet_tiny", pretrained)
-    return ResNetTiny(num_classes, in_chans, img_size, width)
+    return ResNetTiny(num_classes, in_chans, img_size, width, last_width)
 
 
 # ----------------------------------------------------------------------------------------------------------
