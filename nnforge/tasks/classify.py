@@ -157,6 +157,10 @@ class Predictor:
         self.model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         self.model.to(self.device).eval()
         self.preprocessor = build_preprocessor(self.spec, self.run.path)
+        # Image convolutions run ~2x faster channels-last on CPUs (oneDNN) and GPUs; still fp32, like the export.
+        self.channels_last = self.spec["kind"] == "image" and self.device.type != "mps"
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
 
     def load_input(self, item) -> np.ndarray:
         """One input (a file path or bytes for images; a string or bytes for text) -> the model's input array."""
@@ -168,6 +172,8 @@ class Predictor:
     @torch.no_grad()
     def logits(self, arrays: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(arrays).to(self.device)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x).float().cpu().numpy()
 
     def chunks(self, inputs: list, batch_size: int = 512):
