@@ -185,7 +185,10 @@ def test_health_ready_model_docs_and_metrics(main, run):
     assert info["input"]["shape"][0] == "batch" and info["preprocessing"] == card["spec"]
     assert info["version"] == card["sha256"][:12]
     assert "/v1/predict" in httpx.get(main.url + "/openapi.json").json()["paths"]
-    assert httpx.get(main.url + "/docs").status_code == 200
+    docs = httpx.get(main.url + "/docs")
+    assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
+    assert "POST&nbsp;/v1/predict" in docs.text and "413" in docs.text  # the endpoints and their answers
+    assert "<script" not in docs.text and "cdn" not in docs.text.lower()  # self-contained: works offline
 
 
 def test_server_and_predict_give_the_same_answer_for_the_same_file(main, images, expected):

@@ -31,13 +31,14 @@ from typing import Literal
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from nnforge.data.preprocess import InputError
 from nnforge.deploy import prom
+from nnforge.deploy.apidocs import api_reference_html
 from nnforge.deploy.asgi import BearerAuth, BodyLimit, Metrics
 from nnforge.deploy.batching import MicroBatcher, QueueFull
 from nnforge.deploy.engine import Engine, load_engine, softmax
@@ -264,10 +265,14 @@ def create_app(settings: ServeSettings, on_fatal=None):
             t.cancel()
         await state.batcher.stop()
 
-    app = FastAPI(title="nnforge", version="1", lifespan=lifespan,
+    app = FastAPI(title="nnforge", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Predictions from an nnforge run. Every endpoint but /health needs the bearer "
                               "token when the server was started with one.")
     app.state.nnforge = state
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():  # a self-contained page: Swagger UI's CDN scripts would leave it blank offline
+        return HTMLResponse(api_reference_html(app.openapi()))
 
     @app.get("/health", summary="The process is alive (no token needed)")
     async def health():
