@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DATA := data/fashion-mnist
-DEMO_EPOCHS ?= 6
+DEMO_EPOCHS ?= 8
 
 .PHONY: setup system demo test lint clean
 
