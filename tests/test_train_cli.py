@@ -163,3 +163,21 @@ def test_model_args_reach_the_model_and_travel_with_the_run(tmp_path):
     clash = nnforge("train", "image", "--data", str(data), "--out", str(tmp_path / "r"), "--model-args",
                     "in_chans=3", check=False)
     assert clash.returncode == 2 and "in_chans" in clash.stderr
+
+
+def test_compile_trains_the_same_model_and_saves_plain_weights(tmp_path):
+    """--compile changes how steps run, not what they compute; the checkpoint holds the plain module's tensors."""
+    from nnforge.api import load
+
+    data = make_png_tree(tmp_path / "d", per_class=8, bad_files=False)
+    common = ["train", "image", "--data", str(data), "--model", "seed_cnn", "--epochs", "2", "--batch-size", "8",
+              "--precision", "fp32", "--out", str(tmp_path / "r")]
+    nnforge(*common, "--name", "eager")
+    nnforge(*common, "--name", "compiled", "--compile")
+    eager, compiled = (list(csv.DictReader((tmp_path / "r" / "image" / n / "metrics.csv").open()))
+                       for n in ("eager", "compiled"))
+    for a, b in zip(eager, compiled, strict=True):
+        assert abs(float(a["train_loss"]) - float(b["train_loss"])) < 1e-3
+        assert abs(float(a["val_loss"]) - float(b["val_loss"])) < 1e-3
+    predictor = load(tmp_path / "r" / "image" / "compiled")  # no "_orig_mod." keys: loads into a plain model
+    assert predictor.predict([str(next((data / "circle").iterdir()))])[0]["labels"][0] in ("circle", "cross", "stripes")
