@@ -234,7 +234,7 @@ TO_ACCURACY: dict[str, dict] = {
 
 
 def _overrides(text: str) -> dict:
-    """'epochs=7,weight_decay=0.05' -> {'epochs': '7', 'weight_decay': '0.05'} (values go to the CLI as text)."""
+    """'epochs=7;weight_decay=0.05' -> {'epochs': '7', 'weight_decay': '0.05'} (values go to the CLI as text)."""
     out = {}
     for part in filter(None, text.split(";")):
         key, _, value = part.partition("=")

@@ -80,9 +80,9 @@ def model_kwargs(cfg, data) -> dict:
     return {**fixed, **cfg.model_args}
 
 
-def _meta(cfg, data, run: Run, model: nn.Module) -> dict:
+def _meta(cfg, data, run: Run, model: nn.Module, kwargs: dict) -> dict:
     return {
-        "task": data.kind, "kind": data.kind, "model": cfg.model, "model_kwargs": model_kwargs(cfg, data),
+        "task": data.kind, "kind": data.kind, "model": cfg.model, "model_kwargs": kwargs,
         "classes": data.classes, "num_classes": len(data.classes), "spec": data.spec, "seed": cfg.seed,
         "parameters": sum(p.numel() for p in model.parameters()),
         "data_fingerprint": data.report.get("fingerprint"), "git_commit": git_commit(Path(__file__).parent),
@@ -114,11 +114,12 @@ def train_classifier(cfg: EngineConfig, resume: str | None = None) -> Run:
     data = load_data(cfg)
     if hasattr(data, "save_artifacts"):
         data.save_artifacts(run.path)  # e.g. the text tokenizer, reloaded with the run
-    model = create_model(cfg.model, len(data.classes), **model_kwargs(cfg, data),
+    kwargs = model_kwargs(cfg, data)  # once: a pretrained encoder's config is read from disk to build it
+    model = create_model(cfg.model, len(data.classes), **kwargs,
                          **({"pretrained": True} if getattr(cfg, "pretrained", False) else {}))
     if getattr(cfg, "weights", None) and not resume:
         load_weights(model, cfg.weights, cfg.model)
-    meta = _meta(cfg, data, run, model)
+    meta = _meta(cfg, data, run, model, kwargs)
     save_config(cfg, run.path / "config.yaml")
     run.write_json("meta.json", meta)
     run.write_json("data_report.json", data.report)
