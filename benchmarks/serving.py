@@ -38,10 +38,10 @@ PY = sys.executable
 
 
 def baseline_app(run: str):
-    """FastAPI, one sync endpoint, the run's Predictor (same preprocessing, eager PyTorch) called per request."""
-    from nnforge.tasks.classify import Predictor
+    """FastAPI, one sync endpoint, the loaded run (same preprocessing, eager PyTorch) called per request."""
+    from nnforge.inference import Loaded
 
-    pred = Predictor(run)
+    pred = Loaded(run)
     app = FastAPI()
 
     @app.post("/v1/predict")
@@ -196,10 +196,10 @@ def single_input_latency(run: Path, images: list[Path], repeats: int = 300) -> l
     import torch
 
     from nnforge.deploy.engine import load_engine
-    from nnforge.tasks.classify import Predictor
+    from nnforge.inference import Loaded
 
-    pred = Predictor(run, device="cpu")
-    xs = [pred.preprocessor.batch([pred.preprocessor.load(p)]) for p in images[:20]]
+    pred = Loaded(run, device="cpu")
+    xs = [pred.input.batch([pred.input.load(p)]) for p in images[:20]]
 
     def median_ms(fn) -> float:
         for x in xs:
@@ -215,7 +215,7 @@ def single_input_latency(run: Path, images: list[Path], repeats: int = 300) -> l
     for threads in (default, 1):
         torch.set_num_threads(threads)
         ort_engine = load_engine(run, backend="onnx", threads=threads)
-        eager, ort = median_ms(pred.logits), median_ms(ort_engine.logits)
+        eager, ort = median_ms(pred.forward), median_ms(ort_engine.forward)
         rows.append({"threads": threads, "eager_ms": eager, "onnxruntime_ms": ort, "ratio_ort_over_eager": ort / eager,
                      "load_average": load_average()})
     torch.set_num_threads(default)

@@ -73,7 +73,7 @@ def tutorial_epoch(train_dir: Path, workers: int) -> dict:
     ds = torchvision.datasets.ImageFolder(str(train_dir), transform=tf)
     loader = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True, num_workers=workers)
     torch.manual_seed(0)
-    net = create_model("seed_cnn", len(ds.classes), in_chans=1, img_size=28)
+    net = create_model("seed_cnn", num_classes=len(ds.classes), in_chans=1, img_size=28)
     opt = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
     t0 = time.perf_counter()
     n = 0
@@ -114,7 +114,7 @@ def cmd_tutorial(a) -> None:
     out = Path(tempfile.mkdtemp(prefix="nnforge-bench-"))
     train_dir = Path(a.data) / "train"
     peaks = cpu_peak_gflops()
-    net = create_model("seed_cnn", 10, in_chans=1, img_size=28)
+    net = create_model("seed_cnn", num_classes=10, in_chans=1, img_size=28)
     fpi = flops_per_image(net, (1, 28, 28))
     # warm the tensor cache first, so the nnforge epoch measures training, not the one-off decode
     t0 = time.perf_counter()
@@ -148,12 +148,22 @@ class _Batches:
         yield from zip(self.xs[start:], self.ys[start:], strict=True)
 
 
+def paired_summary(baseline: list[float], ours: list[float]) -> dict:
+    """Median of the paired ratios baseline_i / ours_i (> 1: ours is faster) with their spread: identical runs on
+    these machines vary by +-20%, so only pairs run back to back can resolve a few percent."""
+    ratios = sorted(b / o for b, o in zip(baseline, ours, strict=True))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
+    return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2], "min": ratios[0], "max": ratios[-1],
+            "pairs": len(ratios)}
+
+
 def cmd_engine(a) -> None:
     """fit() vs a minimal loop: same model init, same batches, same optimizer settings and precision."""
     from nnforge.engine.device import resolve_precision
-    from nnforge.engine.loop import fit
-    from nnforge.engine.optim import build_optimizer
+    from nnforge.engine.loop import Trainable, fit
+    from nnforge.engine.optim import OptimSpec, build_optimizer
     from nnforge.engine.run import Run
+    from nnforge.tasks.classify import classification_step
 
     device = torch.device("cpu")
     g = torch.Generator().manual_seed(0)
@@ -165,7 +175,7 @@ def cmd_engine(a) -> None:
 
     def hand_loop() -> float:
         torch.manual_seed(0)
-        model = create_model(a.model, 10, in_chans=1, img_size=28).to(memory_format=torch.channels_last)
+        model = create_model(a.model, num_classes=10, in_chans=1, img_size=28).to(memory_format=torch.channels_last)
         opt = build_optimizer(model, cfg)
         t0 = time.perf_counter()
         for x, y in zip(xs, ys, strict=True):
@@ -181,24 +191,33 @@ def cmd_engine(a) -> None:
 
     def engine() -> float:
         torch.manual_seed(0)
-        model = create_model(a.model, 10, in_chans=1, img_size=28)
+        model = create_model(a.model, num_classes=10, in_chans=1, img_size=28)
         run = Run(tempfile.mkdtemp(prefix="nnforge-engine-"))
+        trainable = Trainable(
+            modules={"model": model}, optimizers={"model": OptimSpec.from_config(cfg)},
+            step=lambda m, batch, ctx: classification_step(m, batch, ctx, None, cfg.label_smoothing),
+            source=_Batches(xs, ys), validate=lambda m: {"val_acc": 0.0, "val_loss": 0.0},
+            directions={"val_acc": "max", "val_loss": "min"})
         t0 = time.perf_counter()
-        fit(model, _Batches(xs, ys), lambda m: {"val_acc": 0.0, "val_loss": 0.0}, cfg, run, device=device,
-            ckpt_meta={})
+        fit(trainable, cfg, run, device=device)
         return time.perf_counter() - t0
 
     hand_loop()  # warm-up: oneDNN builds its kernels on first use
     times = {"hand": [], "engine": []}
-    for _ in range(a.repeats):  # interleaved, so drift in machine load hits both
-        times["hand"].append(hand_loop())
-        times["engine"].append(engine())
+    for i in range(a.repeats):  # interleaved pairs, alternating which runs first, so drift hits both alike
+        order = ("hand", "engine") if i % 2 == 0 else ("engine", "hand")
+        for which in order:
+            times[which].append(hand_loop() if which == "hand" else engine())
+        print(f"pair {i + 1}: hand {times['hand'][-1]:.2f} s, engine {times['engine'][-1]:.2f} s, "
+              f"ratio {times['hand'][-1] / times['engine'][-1]:.3f}", flush=True)
     h, e = statistics.median(times["hand"]), statistics.median(times["engine"])
+    r = paired_summary(times["hand"], times["engine"])
     print(f"\n== nnforge fit() vs a hand-written loop: {a.model}, {steps} steps of {bs}, {amp or 'fp32'} ==")
     print(f"hand loop: median {h:.2f} s ({steps * bs / h:.0f} img/s)  runs {[round(t, 2) for t in times['hand']]}")
     print(f"engine:    median {e:.2f} s ({steps * bs / e:.0f} img/s)  runs {[round(t, 2) for t in times['engine']]}")
     print("engine time includes its once-per-epoch evaluation stub, metrics row and two checkpoint writes")
-    print(f"throughput ratio engine / hand loop: {h / e:.3f}")
+    print(f"throughput ratio engine / hand loop: median of {r['pairs']} paired ratios {r['median']:.3f} "
+          f"(IQR {r['q1']:.3f}-{r['q3']:.3f}, range {r['min']:.3f}-{r['max']:.3f}); ratio of medians {h / e:.3f}")
     print(f"peak RSS {max_rss_mb():.0f} MB")
 
 
@@ -284,7 +303,7 @@ def main() -> None:
     e = sub.add_parser("engine")
     e.add_argument("--model", default="resnet_tiny")
     e.add_argument("--steps", type=int, default=60)
-    e.add_argument("--repeats", type=int, default=3)
+    e.add_argument("--repeats", type=int, default=10)
     r = sub.add_parser("recipe")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--epochs", type=int, default=6)

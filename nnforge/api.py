@@ -10,74 +10,82 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from nnforge.config import TRAIN_CONFIGS, ConfigError, build_config, load_config
+from nnforge.config import ConfigError, load_config, read_yaml_mapping
 from nnforge.engine.run import Run
+from nnforge.tasks import get_task, train_target, train_targets
 
 
 def _run_path(run) -> Path:
     return run.path if isinstance(run, Run) else Path(run)
 
 
+def task_of(run) -> str:
+    """The task that trained RUN (meta.json); runs from before tasks recorded their input type instead."""
+    path = _run_path(run)
+    meta = Run(path).read_json("meta.json")
+    name = meta.get("task", "")
+    targets = train_targets()
+    return targets[name][0] if name in targets else name
+
+
 def train(task: str, config: str | Path | None = None, resume: str | Path | None = None, **overrides) -> Run:
-    """Train a model for `task` ("image" or "text"); keyword arguments are config fields and win over the file.
+    """Train a model for `task` (image, text, ...: `nnforge train --help` lists them); keyword arguments are config
+    fields and win over the file.
 
     resume: a run folder to continue from its last checkpoint (pass a larger `epochs` to extend a finished run).
     """
-    if task not in TRAIN_CONFIGS:
-        raise ConfigError(f"unknown task '{task}'; expected one of {', '.join(TRAIN_CONFIGS)}")
-    cls = TRAIN_CONFIGS[task]
+    from nnforge.tasks.base import train_run
+
+    _, cls = train_target(task)
+    base = None
     if resume is not None:
         run = Path(resume)
         if not (run / "checkpoints" / "last.safetensors").is_file():
             raise FileNotFoundError(f"{run}: no checkpoints/last.safetensors to resume from")
-        values = yaml.safe_load((run / "config.yaml").read_text())
-        if config is not None:
-            values.update(yaml.safe_load(Path(config).read_text()) or {})
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        cfg = build_config(cls, values)
-    else:
-        cfg = load_config(cls, config, overrides)
-    from nnforge.tasks.classify import train_classifier
-
-    return train_classifier(cfg, resume=str(resume) if resume is not None else None)
+        trained_as = Run(run).read_json("meta.json").get("train") or Run(run).read_json("meta.json").get("task")
+        if trained_as != task:
+            raise ConfigError(f"{run} was trained with `nnforge train {trained_as}`, not `{task}`")
+        base = read_yaml_mapping(run / "config.yaml")
+    cfg = load_config(cls, config, overrides, base=base)
+    return train_run(task, cfg, resume=str(resume) if resume is not None else None)
 
 
 def load(run, which: str = "best", device: str = "auto"):
-    """A trained run ready to predict (tensors and JSON only; nothing is unpickled)."""
-    from nnforge.tasks.classify import Predictor
+    """A trained run ready to use, whatever its task (tensors and JSON only; nothing is unpickled)."""
+    from nnforge.inference import load as load_run
 
-    return Predictor(_run_path(run), which=which, device=device)
+    return load_run(_run_path(run), which=which, device=device)
 
 
 def evaluate(run, data: str | None = None, device: str = "auto") -> dict:
-    """Classification report, confusion matrix and worst mistakes into RUN/eval/ (and RUN/report.html)."""
-    from nnforge.tasks.classify import evaluate_run
+    """The run's task evaluates it into RUN/eval/ and RUN/report.html (classification: report, confusion matrix,
+    worst mistakes); returns the headline metrics."""
+    return get_task(task_of(run)).evaluate(Run(_run_path(run)), data=data, device=device)
 
-    return evaluate_run(_run_path(run), data=data, device=device)
 
-
-def predict(run, inputs: list, top_k: int = 3) -> list[dict]:
-    return load(run).predict(inputs, top_k=top_k)
+def predict(run, inputs: list, **options) -> list[dict]:
+    """One answer per input, e.g. top-k labels and probabilities for a classifier (options: top_k)."""
+    return load(run).predict(inputs, **options)
 
 
 def doctor(task: str = "image", config: str | Path | None = None, out: str | Path | None = None,
            only: list[str] | None = None, **overrides) -> dict:
-    """Check data, model and recipe before a long run: PASS / WARN / FAIL per check, into OUT/doctor.json.
+    """Check data, model and recipe of a classifier before a long run: PASS / WARN / FAIL per check, into
+    OUT/doctor.json.
 
     Keyword arguments are config fields as for train(); `model` may also be an nn.Module to examine.
     out: the doctor's folder (default runs/doctor/<data folder name>). only: a subset of the checks
     (data, batch, init_loss, lr_range, baseline, overfit). Returns what doctor.json holds ("status": worst).
     """
-    if task not in TRAIN_CONFIGS:
-        raise ConfigError(f"unknown task '{task}'; expected one of {', '.join(TRAIN_CONFIGS)}")
+    task_name, cls = train_target(task)
+    if task_name != "classify":
+        raise ConfigError(f"the doctor examines classifiers (image, text), not '{task}'")
     module = overrides.pop("model", None)
     if isinstance(module, str):
         overrides["model"], module = module, None
     from nnforge.tasks.doctor import run_doctor
 
-    return run_doctor(load_config(TRAIN_CONFIGS[task], config, overrides), out=out, model=module, only=only)
+    return run_doctor(load_config(cls, config, overrides), out=out, model=module, only=only)
 
 
 def compare(run_a, run_b, output: str | Path | None = None, threshold: float = 0.01) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from nnforge.config import TRAIN_CONFIGS
+from nnforge.tasks import train_targets
 
 
 def _add_config_options(parser: argparse.ArgumentParser, cls: type[BaseModel]) -> None:
@@ -31,7 +31,9 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type[BaseModel]) -
         flag = "--" + name.replace("_", "-")
         default = field.default if field.default is not None else "null"
         help_ = f"{field.description or ''} (default: {default})"
-        if typing.get_origin(ann) is dict:
+        if typing.get_origin(ann) is tuple:
+            parser.add_argument(flag, dest=name, type=_numbers, default=None, metavar="X,Y", help=help_)
+        elif typing.get_origin(ann) is dict:
             parser.add_argument(flag, dest=name, type=_key_values, default=None, metavar="KEY=VALUE[,KEY=VALUE]",
                                 help=help_)
         elif ann is bool:
@@ -41,6 +43,14 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type[BaseModel]) -
         else:
             parser.add_argument(flag, dest=name, type=ann if ann in (int, float) else str, default=None,
                                 help=help_, required=field.is_required() and name != "data")
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    """'0.5,0.999' -> (0.5, 0.999)."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got '{text}'") from None
 
 
 def _key_values(text: str) -> dict:
@@ -64,18 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model; writes a run folder")
     tasks = train.add_subparsers(dest="task", required=True)
-    for task, cls in TRAIN_CONFIGS.items():
+    targets = train_targets()
+    for task, (_, cls) in targets.items():
         t = tasks.add_parser(task, help=cls.__doc__.splitlines()[0] if cls.__doc__ else task)
         t.add_argument("--config", help="YAML file of config values; command-line flags win")
         t.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
         _add_config_options(t, cls)
 
-    ev = sub.add_parser("evaluate", help="classification report, confusion matrix, worst mistakes -> RUN/eval/")
+    ev = sub.add_parser("evaluate", help="the run's task evaluates it -> RUN/eval/ and RUN/report.html")
     ev.add_argument("run")
     ev.add_argument("--data", help="labelled data to evaluate on (default: the run's own test split)")
     ev.add_argument("--device", default="auto")
 
-    pr = sub.add_parser("predict", help="top-k labels with probabilities")
+    pr = sub.add_parser("predict", help="answers for inputs (classifiers: top-k labels with probabilities)")
     pr.add_argument("run")
     pr.add_argument("inputs", nargs="+", help="image files/folders, or texts (@file reads one text per line)")
     pr.add_argument("--top-k", type=int, default=3)
@@ -120,9 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     dr = sub.add_parser("doctor", help="check data, model and recipe before a long run (PASS/WARN/FAIL)",
                         conflict_handler="resolve")  # the train options of every task, shared ones once
-    dr.add_argument("--task", choices=list(TRAIN_CONFIGS), default="image")
+    classifiers = {k: cls for k, (t, cls) in targets.items() if t == "classify"}
+    dr.add_argument("--task", choices=list(classifiers), default="image")
     dr.add_argument("--config", help="YAML file of config values; command-line flags win")
-    for cls in TRAIN_CONFIGS.values():
+    for cls in classifiers.values():
         _add_config_options(dr, cls)
     dr.add_argument("--model", help="registered model name (default: the task's default model)")
     dr.add_argument("--out", help="folder for doctor.json and pictures (default: runs/doctor/<data name>)")
@@ -134,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--output", help="JSON file to write (default: RUN_A/compare_<RUN_B name>.json)")
     cp.add_argument("--threshold", type=float, default=0.01, help="F1 change that counts as a class changing")
 
-    lm = sub.add_parser("list-models", help="registered models")
+    lm = sub.add_parser("list-models", help="registered models, grouped by task")
     lm.add_argument("pattern", nargs="?", default="*")
-    lm.add_argument("--family", choices=["image", "text"])
+    lm.add_argument("--task", help="only this task's models (classify, ...)")
+    lm.add_argument("--input", "--family", dest="input", help="only models taking this input (image, text)")
     return p
 
 
@@ -144,8 +157,11 @@ def _cmd_train(a) -> int:
     from nnforge import api
 
     overrides = {k: v for k, v in vars(a).items() if k not in ("command", "task", "config", "resume")}
-    if a.resume is None and a.config is None and overrides.get("data") is None:
-        raise ValueError("--data is required (or --config with a data key, or --resume RUN)")
+    required = [n for n, f in train_targets()[a.task][1].model_fields.items() if f.is_required()]
+    missing = [n for n in required if overrides.get(n) is None]
+    if a.resume is None and a.config is None and missing:
+        flags = ", ".join("--" + n.replace("_", "-") for n in missing)
+        raise ValueError(f"{flags} is required (or --config with a {missing[0]} key, or --resume RUN)")
     run = api.train(a.task, config=a.config, resume=a.resume, **overrides)
     print(run.path)
     return 0
@@ -155,12 +171,13 @@ def _cmd_evaluate(a) -> int:
     from nnforge import api
 
     report = api.evaluate(a.run, data=a.data, device=a.device)
-    print(json.dumps({k: report[k] for k in ("accuracy", "top_k_accuracy", "macro_f1") if k in report}))
+    print(json.dumps({k: v for k, v in report.items() if isinstance(v, int | float | str)
+                      or k in ("top_k_accuracy", "macro_avg")}))
     return 0
 
 
 def _write_predictions(rows: list[dict], bad: list[dict], path: Path) -> None:
-    if path.suffix == ".json":
+    if path.suffix == ".json" or any("labels" not in r for r in rows):
         path.write_text(json.dumps({"predictions": rows, "errors": bad}, indent=2))
         return
     k = max((len(r["labels"]) for r in rows), default=0)
@@ -176,14 +193,16 @@ def _write_predictions(rows: list[dict], bad: list[dict], path: Path) -> None:
 
 def _cmd_predict(a) -> int:
     from nnforge import api
-    from nnforge.tasks.classify import expand_inputs, predict_safely
 
-    pred = api.load(a.run, device=a.device)
-    inputs = expand_inputs(a.inputs, pred.spec["kind"])
-    rows, bad = predict_safely(pred, inputs, a.top_k)
+    loaded = api.load(a.run, device=a.device)
+    inputs = loaded.input.expand(a.inputs)
+    rows, bad = loaded.predict_safely(inputs, top_k=a.top_k)
     for r in rows:
-        top = "  ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"], r["probs"], strict=True))
-        print(f"{r['input']}\t{top}")
+        if "labels" in r:
+            answer = "  ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"], r["probs"], strict=True))
+        else:
+            answer = json.dumps({k: v for k, v in r.items() if k != "input"})
+        print(f"{r['input']}\t{answer}")
     for b in bad:
         print(f"skipped {b['input']}: {b['error']}", file=sys.stderr)
     if a.output:
@@ -232,13 +251,17 @@ def _cmd_compare(a) -> int:
 
 
 def _cmd_list_models(a) -> int:
-    from nnforge.models import get_entry, list_models
-    from nnforge.models.registry import model_options
+    from nnforge.models import get_entry, list_models, model_options
 
-    for name in list_models(a.pattern, a.family):
-        e = get_entry(name)
-        options = model_options(name)
-        print(f"{name:24s} {e.family:6s} {e.doc}" + (f"\n{'':31s} options: {', '.join(options)}" if options else ""))
+    names = list_models(a.pattern, a.task, a.input)
+    for task in sorted({get_entry(n).task for n in names}):
+        print(f"{task}:")
+        for name in names:
+            e = get_entry(name)
+            if e.task == task:
+                options = model_options(name)
+                print(f"  {name:22s} {e.input or '':6s} {e.doc}"
+                      + (f"\n{'':31s} options: {', '.join(options)}" if options else ""))
     return 0
 
 

@@ -61,8 +61,8 @@ def trained_run(png_tree, tmp_path_factory) -> Path:
     return run.path
 
 
-def builtin_models(family: str) -> list[str]:
-    """Registered models that ship with nnforge (tests may register their own, e.g. the doctor's planted faults)."""
+def builtin_models(input: str) -> list[str]:
+    """Registered classifiers that ship with nnforge (tests may register their own, e.g. the doctor's faults)."""
     from nnforge.models import get_entry, list_models
 
-    return [n for n in list_models(family=family) if get_entry(n).fn.__module__.startswith("nnforge.")]
+    return [n for n in list_models(task="classify", input=input) if get_entry(n).fn.__module__.startswith("nnforge.")]

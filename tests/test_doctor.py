@@ -33,6 +33,7 @@ from nnforge.data.cache import TensorCache
 from nnforge.data.images import ImageData
 from nnforge.engine.seeding import seed_everything
 from nnforge.models import create_model, register_model
+from nnforge.models.registry import IMAGE_CLASSIFIER_ARGS, TEXT_CLASSIFIER_ARGS
 from nnforge.tasks._doctor_data import grid_tile
 
 FAST = {"workers": 1, "device": "cpu"}
@@ -61,7 +62,8 @@ class IgnoresInput(nn.Module):
         return self.head(torch.ones(len(x), 1, device=x.device))
 
 
-@register_model("doctor_test_ignores_input", family="image", head="head")
+@register_model("doctor_test_ignores_input", task="classify", input="image", head="head",
+                data_args=IMAGE_CLASSIFIER_ARGS)
 def doctor_test_ignores_input(num_classes: int, in_chans: int = 3, img_size: int = 32, pretrained=False):
     """Test-only: a model whose output does not depend on its input."""
     return IgnoresInput(num_classes)
@@ -79,7 +81,7 @@ class BagOfTokens(nn.Module):
         return self.head(self.embed(ids))
 
 
-@register_model("doctor_test_bag", family="text", head="head")
+@register_model("doctor_test_bag", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS)
 def doctor_test_bag(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained=False):
     """Test-only: a bag of token embeddings."""
     return BagOfTokens(num_classes, vocab_size, pad_id)
@@ -216,7 +218,7 @@ def test_init_loss_is_ln_k_for_resnet_tiny_and_fails_for_a_huge_logit_scale(tmp_
     kw = dict(data=str(data), only=["init_loss"], **FAST)
     ok = by_name(api.doctor("image", model="resnet_tiny", out=tmp_path / "ok", **kw))["init_loss"]
     assert ok["status"] == "PASS" and abs(ok["details"]["excess_nats"]) < 0.05  # its small logit scale
-    model = create_model("resnet_tiny", 3, in_chans=1, img_size=16)
+    model = create_model("resnet_tiny", num_classes=3, in_chans=1, img_size=16)
     model.logit_scale = 40.0  # instead of 0.125: confident, random predictions before any training
     check = by_name(api.doctor("image", model=model, out=tmp_path / "bad", **kw))["init_loss"]
     assert check["status"] == "FAIL" and check["details"]["excess_nats"] > 2
@@ -297,7 +299,7 @@ def test_class_weights_auto_weighs_the_training_loss_by_inverse_frequency(tmp_pa
     cfg = ImageTrainConfig(**kw)
     seed_everything(cfg.seed)  # as training does, before building the model
     d = ImageData.load(cfg, TensorCache(), log=lambda *_: None)
-    model = create_model(cfg.model, 3, **d.model_kwargs()).train()
+    model = create_model(cfg.model, num_classes=3, **d.model_kwargs()).train()
     counts = torch.bincount(d.labels("train"), minlength=3).float()
     weight = counts.sum() / (3 * counts)  # inverse frequency; all ones if balanced
     assert weight[0] > 3 and d.classes[0] == "circle"  # the rare class weighs most

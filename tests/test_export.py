@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from nnforge.deploy.artifacts import ort_session
-from nnforge.deploy.engine import choose_backend, load_engine, softmax
+from nnforge.deploy.engine import choose_backend, load_engine
 from nnforge.deploy.export import ExportError, _export_graph, export_onnx, parity
 from nnforge.engine.checkpoint import load_checkpoint, save_checkpoint
-from nnforge.tasks.classify import Predictor
+from nnforge.inference import Loaded
+from nnforge.outputs import softmax
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,8 +47,10 @@ def test_export_writes_a_model_and_a_card_that_serve_alone(exported, tmp_path):
     printed = json.loads(stdout)  # the CLI's summary
     assert printed["parity"]["top1_agreement"] == 1.0
     meta = json.loads((run / "meta.json").read_text())
-    assert card["classes"] == meta["classes"] and card["spec"] == meta["spec"]
-    assert card["input"]["shape"] == ["batch", meta["spec"]["channels"], meta["spec"]["size"], meta["spec"]["size"]]
+    classes, spec = meta["classes"], meta["io"]["input"]
+    assert card["io"] == meta["io"] and card["io"]["output"] == {"kind": "probs", "classes": classes}
+    assert card["input"]["shape"] == ["batch", spec["channels"], spec["size"], spec["size"]]
+    assert card["output"]["shape"] == ["batch", len(classes)]
     graph = onnx.load(str(run / "model.onnx"))
     assert card["opset"] == next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     assert not list(run.glob("*.onnx.data")), "weights must live inside model.onnx"
@@ -61,12 +64,12 @@ def test_export_writes_a_model_and_a_card_that_serve_alone(exported, tmp_path):
     for name in ("model.onnx", "model.json"):
         shutil.copy(run / name, alone / name)
     engine = load_engine(alone)
-    assert engine.backend == "onnx" and engine.classes == card["classes"]
-    pred = Predictor(run, device="cpu")
+    assert engine.backend == "onnx" and engine.io == card["io"] and engine.io["output"]["classes"] == classes
+    pred = Loaded(run, device="cpu")
     files = [p for p, _ in test_items]
     for n in (1, len(files)):
-        x = pred.preprocessor.batch([pred.preprocessor.load(f) for f in files[:n]])
-        np.testing.assert_allclose(softmax(engine.logits(x)), pred.predict_proba(files[:n]), atol=1e-5)
+        x = pred.input.batch([pred.input.load(f) for f in files[:n]])
+        np.testing.assert_allclose(softmax(engine.forward(x)), pred.predict_proba(files[:n]), atol=1e-5)
 
 
 def test_int8_export_reports_the_accuracy_change(exported):
@@ -91,15 +94,14 @@ def test_an_export_that_misses_the_tolerance_is_refused_and_not_kept(trained_run
 
 def test_parity_catches_a_model_that_differs(exported):
     run, _, _ = exported
-    pred = Predictor(run, device="cpu")
+    pred = Loaded(run, device="cpu")
     session = ort_session(run / "model.onnx")
-    x = pred.preprocessor.batch([pred.preprocessor.load(p) for p, _ in
-                                 json.loads((run / "split.json").read_text())["test"]])
-    assert parity(pred.model, session, [x])["max_abs_diff"] < 1e-4
+    x = pred.input.batch([pred.input.load(p) for p, _ in json.loads((run / "split.json").read_text())["test"]])
+    assert parity(pred.model, session, [x], pred.output)["max_abs_diff"] < 1e-4
     with torch.no_grad():  # what a wrong export would look like: a layer computing something else
         pred.model.head.weight.zero_()  # (deterministic: every class but the first now scores exactly 0)
         pred.model.head.weight[0] = 100.0
-    assert parity(pred.model, session, [x])["max_abs_diff"] > 0.1
+    assert parity(pred.model, session, [x], pred.output)["max_abs_diff"] > 0.1
 
 
 def test_the_torchscript_exporter_and_a_chosen_opset(trained_run, tmp_path):
@@ -129,7 +131,8 @@ def test_text_exports_have_dynamic_batch_and_sequence_axes(tmp_path):
     torch.manual_seed(0)
     model = TokenModel().eval()
     path = tmp_path / "text.onnx"
-    assert _export_graph(model, torch.randint(1, 50, (2, 7)), "text", path, None, "dynamo") == "dynamo"
+    axes = {0: "batch", 1: "seq"}
+    assert _export_graph(model, torch.randint(1, 50, (2, 7)), axes, "logits", path, None, "dynamo") == "dynamo"
     dims = [d.dim_param or d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", "seq"]
     session = ort_session(path)

@@ -39,7 +39,7 @@ def test_weights_from_another_run_and_frozen_body(trained_run, png_tree, tmp_pat
     run = nnforge.train("image", data=str(png_tree), weights=str(trained_run), freeze_epochs=1, epochs=1,
                         batch_size=8, workers=1, out=str(tmp_path), name="ft", val_split=0.2, test_split=0.2).path
     after = load_checkpoint(run / "checkpoints" / "last.safetensors")[0]
-    model = create_model("resnet_tiny", 3, in_chans=1, img_size=16)
+    model = create_model("resnet_tiny", num_classes=3, in_chans=1, img_size=16)
     params = {f"model.{k}" for k, _ in model.named_parameters()}
     body = [k for k in params if not k.startswith("model.head.")]
     assert body and all(torch.equal(after[k], ckpt[k]) for k in body)  # frozen: untouched by training

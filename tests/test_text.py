@@ -20,7 +20,7 @@ from conftest import builtin_models
 
 from nnforge.config import TextTrainConfig
 from nnforge.data.images import DataError
-from nnforge.data.preprocess import InputError, build_preprocessor
+from nnforge.data.inputs import InputError, build_input
 from nnforge.data.text import TextData, TokenBatches, detect_encoding, read_file, read_labelled_texts
 from nnforge.data.tokenizer import load_tokenizer, pad_batch, train_tokenizer
 from nnforge.models import create_model, get_entry
@@ -135,13 +135,11 @@ def test_errors_name_the_file_and_what_was_expected(tmp_path):
         TextData.load(cfg_for(empty), log=quiet)
 
 
-def test_single_example_label_warns_and_unknown_test_label_fails(tmp_path):
+def test_single_example_label_and_unknown_test_label_fail(tmp_path):
+    # the same rule as for images (data/rules.py): a class with one training example is refused, with where it is
     path = write_csv(tmp_path / "d.csv", extra=['"a lone example",rare'])
-    logs: list[str] = []
-    data = TextData.load(cfg_for(path), log=logs.append)
-    warning = [m for m in logs if "single example" in m]
-    assert len(warning) == 1 and "'rare'" in warning[0] and f"{path}:42" in warning[0]
-    assert data.classes == ["neg", "pos", "rare"] and data.report["counts"]["train"]["rare"] == 1
+    with pytest.raises(DataError, match=rf"at least 2 usable training examples; too few for 'rare' \(1, e\.g\. {path}"):
+        TextData.load(cfg_for(path), log=quiet)
     folder = tmp_path / "splits"
     folder.mkdir()
     write_csv(folder / "train.csv")
@@ -238,7 +236,7 @@ def test_pad_batch():
 def test_preprocessor_round_trip_and_bad_inputs(tmp_path):
     data = TextData.load(cfg_for(write_csv(tmp_path / "d.csv"), max_len=6), log=quiet)
     data.save_artifacts(tmp_path)
-    pre = build_preprocessor(data.spec, tmp_path)
+    pre = build_input(data.spec, tmp_path)
     text = data.items("train")[0]
     ids = pre.decode(text)
     assert ids.dtype == np.int64 and ids.tolist() == data.ids[data.rows.index(
@@ -270,8 +268,8 @@ def build(name: str, **kw) -> torch.nn.Module:
     if name == "minilm":
         small = {**minilm_config(), "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 1,
                  "num_attention_heads": 2, "intermediate_size": 64}
-        return create_model("minilm", 3, vocab_size=50, max_len=32, encoder_config=small, **kw)
-    return create_model(name, 3, vocab_size=50, max_len=32, **kw)
+        return create_model("minilm", num_classes=3, vocab_size=50, max_len=32, encoder_config=small, **kw)
+    return create_model(name, num_classes=3, vocab_size=50, max_len=32, **kw)
 
 
 def random_ids(vocab: int, lengths: list[int], seed: int = 0) -> torch.Tensor:
@@ -285,7 +283,7 @@ def random_ids(vocab: int, lengths: list[int], seed: int = 0) -> torch.Tensor:
 def test_the_text_models_are_registered():
     assert set(TEXT_MODELS) == {"lstm", "gru", "bigru", "textcnn", "transformer", "minilm"}
     for name in TEXT_MODELS:
-        assert get_entry(name).family == "text" and get_entry(name).head == "head"
+        assert get_entry(name).input == "text" and get_entry(name).head == "head"
 
 
 @pytest.mark.parametrize("name", TEXT_MODELS)
@@ -333,7 +331,7 @@ def test_minilm_is_the_packaged_sentence_encoder(tmp_path):
 
     tok = pretrained_tokenizer(text_models.packaged_minilm_dir())
     assert tok.token_to_id("[PAD]") == 0
-    model = create_model("minilm", 3, vocab_size=30522, pretrained=True).eval()
+    model = create_model("minilm", num_classes=3, vocab_size=30522, pretrained=True).eval()
     sents = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell sharply today."]
     ids = torch.from_numpy(pad_batch([np.array(tok.encode(s).ids) for s in sents]))
     with torch.no_grad():
@@ -342,7 +340,7 @@ def test_minilm_is_the_packaged_sentence_encoder(tmp_path):
     sim = emb @ emb.T
     assert sim[0, 1] > sim[0, 2] + 0.2 and sim[0, 1] > sim[1, 2] + 0.2
     # Rebuilt from its config alone (how a run reloads it, with no package needed) it has the same shapes.
-    again = create_model("minilm", 3, vocab_size=30522, encoder_config=minilm_config())
+    again = create_model("minilm", num_classes=3, vocab_size=30522, encoder_config=minilm_config())
     assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 

@@ -59,14 +59,14 @@ def train(data: Path, out: Path, model: str, **kw):
 def export_and_check(pred, batches: list[list[str]], path: Path) -> float:
     """What the exporter does: trace with the preprocessor's example, dynamic batch and length, compare with ORT."""
     model = pred.model.cpu().eval()
-    example = torch.from_numpy(pred.preprocessor.example(2))
+    example = torch.from_numpy(pred.input.example(2))
     torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}, dynamo=False)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
     for texts in batches:
-        ids = pred.preprocessor.batch([pred.preprocessor.decode(t) for t in texts])
-        got, ref = sess.run(None, {"input": ids})[0], pred.logits(ids)
+        ids = pred.input.batch([pred.input.decode(t) for t in texts])
+        got, ref = sess.run(None, {"input": ids})[0], pred.forward(ids)
         assert (got.argmax(1) == ref.argmax(1)).all()
         worst = max(worst, float(np.abs(got - ref).max()))
     return worst
@@ -78,7 +78,8 @@ def test_train_predict_export_parity(reviews, tmp_path, model):
     kw = {"freeze_encoder": True, "max_len": 16, "lr": 1e-3} if model == "minilm" else {}
     run = train(reviews / "train.csv", tmp_path, model, test_split=0.0, **kw)
     meta = json.loads((run.path / "meta.json").read_text())
-    assert meta["kind"] == "text" and meta["classes"] == ["neg", "pos"] and meta["spec"]["pad_id"] == 0
+    assert meta["task"] == "classify" and meta["input"] == "text" and meta["classes"] == ["neg", "pos"]
+    assert meta["io"]["input"]["pad_id"] == 0 and meta["io"]["output"] == {"kind": "probs", "classes": ["neg", "pos"]}
     assert (run.path / "tokenizer.json").is_file()
 
     pred = nnforge.load(run)
@@ -108,7 +109,7 @@ def test_a_text_run_learns_and_reloads_with_the_same_tokens(reviews, tmp_path):
     cfg = TextTrainConfig(**yaml.safe_load((run.path / "config.yaml").read_text()))
     data = TextData.load(cfg, log=lambda *_: None)
     for text, ids in zip(data.items("test"), [data.ids[i] for i in data._index("test")], strict=True):
-        assert pred.preprocessor.decode(text).tolist() == ids.tolist()
+        assert pred.input.decode(text).tolist() == ids.tolist()
     # Evaluate on another labelled file (a JSON Lines file here): read with the run's column names.
     other = tmp_path / "other.jsonl"
     other.write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in

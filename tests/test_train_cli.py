@@ -51,7 +51,7 @@ def test_train_evaluate_predict_end_to_end(png_tree, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert 0 < float(rows[0]["elapsed_s"]) < float(rows[1]["elapsed_s"])  # wall time of fit so far, for time-to-acc
     meta = json.loads((run / "meta.json").read_text())
-    assert meta["classes"] == ["circle", "cross", "stripes"] and meta["spec"]["channels"] == 1
+    assert meta["classes"] == ["circle", "cross", "stripes"] and meta["io"]["input"]["channels"] == 1
 
     ev = nnforge("evaluate", str(run))
     assert 0.0 <= json.loads(ev.stdout)["accuracy"] <= 1.0

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
-import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,16 +25,21 @@ import torch.nn.functional as F
 from nnforge.config import ImageTrainConfig
 from nnforge.data.cache import TensorCache, fingerprint_files
 from nnforge.data.imageio import ImageCheck, check_image, read_image
-from nnforge.data.splits import stratified_split
+from nnforge.data.rules import (
+    DataError,
+    assign_splits,
+    check_classes,
+    epoch_order,
+    find_duplicates,
+    log_problems,
+    split_counts,
+    split_name,
+)
 from nnforge.engine.progress import Progress
 from nnforge.engine.seeding import derived_generator
 
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+__all__ = ["DataError", "ImageData", "Sample", "find_samples"]
 TENSOR_CACHE_MAX_SIDE = 96  # above this, decoded images are too big to keep in memory: stream them
-
-
-class DataError(ValueError):
-    """The data set cannot be used as given; the message names the file or folder."""
 
 
 @dataclass
@@ -93,7 +97,7 @@ def _csv_samples(csv_path: Path, path_col: str, label_col: str) -> list[Sample]:
             p, y = (row.get(path_col) or "").strip(), (row.get(label_col) or "").strip()
             if not p or not y:
                 raise DataError(f"{csv_path}:{line}: empty '{path_col}' or '{label_col}'")
-            split = SPLIT_NAMES.get((row.get("split") or "train").strip().lower(), "train")
+            split = split_name(row.get("split") or "train") or "train"
             out.append(Sample(str((csv_path.parent / p).resolve()), y, split))
     return out
 
@@ -107,8 +111,7 @@ def find_samples(data: str | Path, path_col: str = "path", label_col: str = "lab
             raise DataError(f"{root}: expected a folder of class folders or a CSV of paths and labels")
         samples = _csv_samples(root, path_col, label_col)
     else:
-        subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
-        split_dirs = {SPLIT_NAMES[n]: p for n, p in subdirs.items() if n in SPLIT_NAMES}
+        split_dirs = {split_name(p.name): p for p in root.iterdir() if p.is_dir() and split_name(p.name)}
         if "train" in split_dirs:  # layout (b)
             samples = [s for split, p in split_dirs.items() for s in _class_folder_samples(p, split)]
         else:
@@ -147,33 +150,6 @@ def check_all(paths: list[str], min_size: int, workers: int) -> list[ImageCheck]
     return _parallel_map(_check_one, [(p, min_size) for p in paths], workers, "checking")
 
 
-def _duplicates(samples: list[Sample], checks: list[ImageCheck]) -> list[dict]:
-    by_hash: dict[str, list[int]] = defaultdict(list)
-    for i, c in enumerate(checks):
-        if c.ok:
-            by_hash[c.sha256].append(i)
-    out = []
-    for h, idx in by_hash.items():
-        if len(idx) > 1:
-            splits = sorted({samples[i].split for i in idx})
-            out.append({"sha256": h, "paths": [samples[i].path for i in idx], "splits": splits,
-                        "labels": sorted({samples[i].label for i in idx}), "leak": len(splits) > 1})
-    return out
-
-
-def _assign_splits(samples: list[Sample], cfg: ImageTrainConfig) -> None:
-    """Carve val and test out of the training pool when the layout did not give them (stratified, seeded)."""
-    present = {s.split for s in samples}
-    fractions = {k: f for k, f in (("val", cfg.val_split), ("test", cfg.test_split)) if k not in present and f > 0}
-    if not fractions:
-        return
-    pool = [i for i, s in enumerate(samples) if s.split == "train"]
-    parts = stratified_split([samples[i].label for i in pool], fractions, cfg.seed)
-    for split, idx in parts.items():
-        for j in idx:
-            samples[pool[j]].split = split
-
-
 # --------------------------------------------------------------------------------------------------------------
 # batches
 
@@ -196,15 +172,6 @@ def random_crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) 
         mask = (torch.rand(b, generator=g) < 0.5).to(x.device)
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
-
-
-def epoch_order(labels: torch.Tensor, sampler: str, g: torch.Generator) -> torch.Tensor:
-    n = len(labels)
-    if sampler == "balanced":  # every class equally likely; with replacement, so rare classes repeat
-        counts = torch.bincount(labels.cpu())
-        weights = (1.0 / counts.float())[labels.cpu()]
-        return torch.multinomial(weights, n, replacement=True, generator=g)
-    return torch.randperm(n, generator=g)
 
 
 class TensorBatches:
@@ -278,6 +245,7 @@ class ImageData:
         self.mean, self.std, self.cfg, self.report = mean, std, cfg, report
         self.tensors, self.row_of = tensors, row_of  # uint8 (N, C, S, S) cache and sample index -> row
         self.class_index = {c: i for i, c in enumerate(classes)}
+        self.norm = "data"  # the training split's own per-channel mean and std
 
     # ---- construction ----
     @classmethod
@@ -298,27 +266,19 @@ class ImageData:
             raise DataError(f"{cfg.data}: no usable images ({len(skipped)} files skipped; first: "
                             f"{skipped[0]['path']}: {skipped[0]['reason']})")
         samples, checks = [s for s, _ in good], [c for _, c in good]
-        train_counts = Counter(s.label for s in samples if s.split == "train")
+        labels, where = [s.label for s in samples], [s.path for s in samples]
+        classes = check_classes(labels, [s.split for s in samples], where, cfg.data)
+        keys = [c.sha256 for c in checks]
+        new_splits = assign_splits(labels, [s.split for s in samples], keys, cfg.val_split, cfg.test_split, cfg.seed)
+        for s, split in zip(samples, new_splits, strict=True):
+            s.split = split
+        dups = find_duplicates(keys, new_splits, labels, where)
         data_root = Path(cfg.data).resolve()
-        folder = data_root.parent if data_root.is_file() else data_root
-        for label in sorted({s.label for s in samples}):
-            if train_counts[label] < 2:
-                where = data_root if data_root.is_file() else next(
-                    (Path(s.path).parent for s in samples if s.label == label), folder)
-                raise DataError(f"class '{label}' ({where}) has {train_counts[label]} usable training image(s); "
-                                "every class needs at least 2")
-        classes = sorted(train_counts)
-        unknown = sorted({s.label for s in samples} - set(classes))
-        if unknown:
-            raise DataError(f"{cfg.data}: classes {unknown} appear in val/test but not in train")
-        _assign_splits(samples, cfg)
-        dups = _duplicates(samples, checks)
 
         channels = 1 if all(c.mode in ("L", "1", "I", "I;16", "F") for c in checks) else 3
         size = cfg.img_size or _common_side(checks)
         mode = cfg.cache if cfg.cache != "auto" else ("tensor" if size <= TENSOR_CACHE_MAX_SIDE else "stream")
-        counts = {sp: dict(sorted(Counter(s.label for s in samples if s.split == sp).items()))
-                  for sp in ("train", "val", "test")}
+        counts = split_counts(labels, new_splits)
         report = {"data": str(data_root), "fingerprint": fp, "files": len(paths), "usable": len(samples),
                   "skipped": skipped, "duplicates": dups, "counts": counts, "channels": channels, "size": size,
                   "cache": mode}
@@ -345,7 +305,19 @@ class ImageData:
     def spec(self) -> dict:
         """Everything predict/serve need to turn a file into the model's input."""
         return {"kind": "image", "channels": self.channels, "size": self.size,
-                "mean": self.mean.tolist(), "std": self.std.tolist()}
+                "mean": self.mean.tolist(), "std": self.std.tolist(), "norm": self.norm}
+
+    def set_normalisation(self, mean, std, name: str) -> None:
+        """Normalise with given per-channel statistics (what pretrained weights expect) instead of the data's own;
+        RGB statistics for grayscale images are averaged over the channels."""
+        mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        if len(mean) != self.channels:
+            mean, std = mean.mean().repeat(self.channels), std.mean().repeat(self.channels)
+        self.mean, self.std, self.norm = mean, std, name
+
+    def blind(self, x: torch.Tensor) -> torch.Tensor:
+        """One input for every example (the doctor's baseline): zeros, the mean image after normalisation."""
+        return torch.zeros_like(x)
 
     def model_kwargs(self) -> dict:
         return {"in_chans": self.channels, "img_size": self.size}
@@ -421,34 +393,3 @@ def _print_report(r: dict, log) -> None:
         f"train {sum(c['train'].values())} / val {sum(c['val'].values())} / test {sum(c['test'].values())}; "
         f"{r['channels']}x{r['size']}x{r['size']}")
     log_problems(r, log, "files", "images")
-
-
-def log_problems(r: dict, log, unit: str, noun: str) -> None:
-    """The parts of a data report a person must see: skipped items, cross-split duplicates, class imbalance."""
-    if r["skipped"]:
-        log(f"skipped {len(r['skipped'])} unusable {unit} (listed in data_report.json):")
-        for s in r["skipped"][:10]:
-            log(f"  {s['path']}: {s['reason']}")
-        if len(r["skipped"]) > 10:
-            log(f"  ... and {len(r['skipped']) - 10} more")
-    leaks = [d for d in r["duplicates"] if d["leak"]]
-    if leaks:
-        log(f"WARNING: {len(leaks)} {noun} appear in more than one split (identical content: leakage), e.g.")
-        for d in leaks[:5]:
-            log(f"  {' == '.join(d['paths'][:3])}")
-    clash = [d for d in r["duplicates"] if len(d.get("labels", [])) > 1]
-    if clash:
-        log(f"WARNING: {len(clash)} {noun} appear with different labels, e.g. {' / '.join(clash[0]['paths'][:3])}")
-    counts = list(r["counts"]["train"].values())
-    if counts and max(counts) > 3 * min(counts):
-        log(f"note: classes are imbalanced ({min(counts)} to {max(counts)} training {noun}); consider "
-            "--class-weights auto or --sampler balanced")
-    sys.stdout.flush()
-
-
-def class_weights_for(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, scaled so a balanced data set gets all ones."""
-    counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1)
-    return counts.sum() / (num_classes * counts)
-
-

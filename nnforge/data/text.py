@@ -18,7 +18,6 @@ import io
 import json
 import math
 import sys
-from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +26,17 @@ import torch
 
 from nnforge.config import TextTrainConfig
 from nnforge.data.cache import fingerprint_files
-from nnforge.data.images import DataError, epoch_order, log_problems
-from nnforge.data.preprocess import InputError
-from nnforge.data.splits import stratified_split
+from nnforge.data.rules import (
+    DataError,
+    assign_splits,
+    check_classes,
+    epoch_order,
+    find_duplicates,
+    log_problems,
+    split_counts,
+    split_name,
+)
+from nnforge.data.text_input import TOKENIZER_FILE
 from nnforge.data.tokenizer import (
     configure,
     load_tokenizer,
@@ -41,8 +48,6 @@ from nnforge.data.tokenizer import (
 from nnforge.engine.seeding import derived_generator
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
-SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
-TOKENIZER_FILE = "tokenizer.json"
 BUCKET = 32  # batches per length-sorted bucket: batches pad little, their order stays random
 
 
@@ -180,8 +185,8 @@ def find_files(data: str | Path) -> list[tuple[Path, str]]:
     if root.is_file():
         _format_of(root)
         return [(root, "train")]
-    found = [(p, SPLIT_NAMES[p.stem.lower()]) for p in sorted(root.iterdir())
-             if p.is_file() and p.stem.lower() in SPLIT_NAMES and p.suffix.lower() in FORMATS]
+    found = [(p, split_name(p.stem)) for p in sorted(root.iterdir())
+             if p.is_file() and split_name(p.stem) and p.suffix.lower() in FORMATS]
     splits = [s for _, s in found]
     for s in set(splits):
         if splits.count(s) > 1:
@@ -228,57 +233,8 @@ def read_labelled_texts(path: str | Path, cfg: dict) -> list[list[str]]:
 # checking and splitting
 
 
-def _text_key(text: str) -> str:
+def text_key(text: str) -> str:
     return " ".join(text.casefold().split())  # case and spacing do not make a different text
-
-
-def _assign_splits(rows: list[Row], cfg: TextTrainConfig) -> None:
-    """Carve val/test out of train where no file gave them: stratified, seeded, identical texts kept together."""
-    present = {r.split for r in rows}
-    fractions = {k: f for k, f in (("val", cfg.val_split), ("test", cfg.test_split)) if k not in present and f > 0}
-    if not fractions:
-        return
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        if r.split == "train":
-            groups[_text_key(r.text)].append(i)
-    keys = list(groups)
-    parts = stratified_split([rows[groups[k][0]].label for k in keys], fractions, cfg.seed)
-    for split, idx in parts.items():
-        for j in idx:
-            for i in groups[keys[j]]:
-                rows[i].split = split
-
-
-def _duplicates(rows: list[Row]) -> list[dict]:
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(rows):
-        groups[_text_key(r.text)].append(i)
-    out = []
-    for idx in groups.values():
-        if len(idx) > 1:
-            splits = sorted({rows[i].split for i in idx})
-            out.append({"paths": [rows[i].where for i in idx], "splits": splits,
-                        "labels": sorted({rows[i].label for i in idx}), "leak": len(splits) > 1})
-    return out
-
-
-def _check_labels(rows: list[Row], data: str, log) -> list[str]:
-    """The sorted class names; errors for fewer than two classes or classes missing from train."""
-    train = Counter(r.label for r in rows if r.split == "train")
-    classes = sorted(train)
-    unknown = sorted({r.label for r in rows} - set(classes))
-    if unknown:
-        where = next(r.where for r in rows if r.label in unknown)
-        raise DataError(f"{data}: labels {unknown} appear in val/test (e.g. {where}) but not in train")
-    if len(classes) < 2:
-        raise DataError(f"{data}: found only the label(s) {classes}; a classifier needs at least 2 classes")
-    for label in classes:
-        if train[label] == 1:
-            where = next(r.where for r in rows if r.label == label)
-            log(f"WARNING: label '{label}' has a single example ({where}): the model sees it once and it cannot "
-                "be evaluated; add examples or fix the label")
-    return classes
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -339,8 +295,12 @@ class TextData:
         if not rows:
             first = f"; first: {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
             raise DataError(f"{cfg.data}: no usable rows ({len(skipped)} skipped{first})")
-        classes = _check_labels(rows, cfg.data, log)
-        _assign_splits(rows, cfg)
+        labels, where = [r.label for r in rows], [r.where for r in rows]
+        classes = check_classes(labels, [r.split for r in rows], where, cfg.data)
+        keys = [text_key(r.text) for r in rows]
+        for r, split in zip(rows, assign_splits(labels, [r.split for r in rows], keys, cfg.val_split,
+                                                 cfg.test_split, cfg.seed), strict=True):
+            r.split = split
 
         encoder = encoder_source(cfg.model, cfg.encoder)
         reused = _tokenizer_beside(cfg.weights) if cfg.weights and encoder is None else None
@@ -384,9 +344,9 @@ class TextData:
         r, rows = self.report, self.rows
         lengths = np.array([len(i) for i in self.ids])
         r["usable"] = len(rows)
-        r["counts"] = {sp: dict(sorted(Counter(x.label for x in rows if x.split == sp).items()))
-                       for sp in ("train", "val", "test")}
-        r["duplicates"] = _duplicates(rows)
+        labels, splits = [x.label for x in rows], [x.split for x in rows]
+        r["counts"] = split_counts(labels, splits)
+        r["duplicates"] = find_duplicates([text_key(x.text) for x in rows], splits, labels, [x.where for x in rows])
         r["tokenizer"] = {"type": self.tokenizer_type, "vocab_size": self.tokenizer.get_vocab_size(),
                           "max_len": self.cfg.max_len, "truncated": self.truncated,
                           "tokens_mean": round(float(lengths.mean()), 1),
@@ -400,6 +360,15 @@ class TextData:
         return {"kind": "text", "tokenizer": TOKENIZER_FILE, "tokenizer_type": self.tokenizer_type,
                 "vocab_size": self.tokenizer.get_vocab_size(), "max_len": self.cfg.max_len, "pad_id": self.pad_id,
                 "lowercase": self.cfg.lowercase if self.encoder is None else None}
+
+    def blind(self, x: torch.Tensor) -> torch.Tensor:
+        """One input for every example (the doctor's baseline): a single fixed token, then padding; all-padding
+        would be no text at all, and a kept length would still inform."""
+        unk = self.tokenizer.token_to_id("[UNK]")
+        token = unk if unk is not None and unk != self.pad_id else self.pad_id + 1
+        out = torch.full_like(x, self.pad_id)
+        out[:, 0] = token
+        return out
 
     def model_kwargs(self) -> dict:
         kw = {"vocab_size": self.tokenizer.get_vocab_size(), "pad_id": self.pad_id, "max_len": self.cfg.max_len}
@@ -468,48 +437,3 @@ def _print_report(r: dict, log) -> None:
         log(f"note: {t['truncated']} texts are longer than max_len {t['max_len']} tokens and were cut")
     log_problems(r, log, "rows", "texts")
     sys.stdout.flush()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# inference
-
-
-class TextPreprocessor:
-    """Text -> token ids with the run's own tokenizer: the one path for evaluate, predict, export and serve."""
-
-    kind = "text"
-
-    def __init__(self, spec: dict, run_dir: str | Path | None):
-        if run_dir is None:
-            raise ValueError("a text run's preprocessor needs the run folder (its tokenizer.json lives there)")
-        self.max_len, self.pad_id = int(spec["max_len"]), int(spec.get("pad_id", 0))
-        self.tokenizer = load_tokenizer(Path(run_dir) / spec.get("tokenizer", TOKENIZER_FILE), self.max_len)
-
-    def decode(self, item: str | bytes) -> np.ndarray:
-        """A text (or its UTF-8 bytes) -> int64 token ids (T,), T <= max_len."""
-        if isinstance(item, bytes):
-            try:
-                item = item.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise InputError(f"text is not valid UTF-8 (bad byte at offset {err.start})") from None
-        if not isinstance(item, str):
-            raise InputError(f"expected a text, got {type(item).__name__}")
-        if not item.strip():
-            raise InputError("empty text")
-        ids = self.tokenizer.encode(item).ids
-        if not ids:
-            raise InputError("the text gives no tokens")
-        return np.asarray(ids, dtype=np.int64)
-
-    def load(self, item: str | bytes) -> np.ndarray:
-        return self.decode(item)
-
-    def batch(self, arrays: list[np.ndarray]) -> np.ndarray:
-        return pad_batch(arrays, self.pad_id)
-
-    def example(self, n: int = 2) -> np.ndarray:
-        """A batch of real token ids (export tracing): (n, T) with T != n, so the two axes cannot be confused."""
-        ids = self.decode("an example sentence, long enough to trace the model with a real sequence of tokens")
-        if len(ids) == n:
-            ids = ids[:-1]
-        return np.tile(ids, (n, 1))

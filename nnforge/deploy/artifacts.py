@@ -1,6 +1,6 @@
 """The files `nnforge export` leaves in a run folder, and how to open them; no PyTorch needed.
 
-    card = read_card("runs/image/exp1")                 # model.json: spec, classes, opset, parity figures
+    card = read_card("runs/image/exp1")                 # model.json: io (input/output kinds), opset, parity
     session = ort_session("runs/image/exp1/model.onnx")
 """
 
@@ -29,10 +29,17 @@ def read_card(folder: str | Path) -> dict:
         raise FileNotFoundError(f"{p}: missing; run `nnforge export {folder}` first") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{p}: not valid JSON ({err})") from None
-    missing = [k for k in ("kind", "spec", "classes", "file") if k not in card]
+    missing = [k for k in ("file",) + (() if "io" in card else ("spec", "classes")) if k not in card]
     if missing:
         raise ValueError(f"{p}: missing keys {missing}; re-run `nnforge export {folder}`")
     return card
+
+
+def card_io(card: dict) -> dict:
+    """The exported model's inputs and outputs by kind; cards written before tasks held a classifier's spec."""
+    if "io" in card:
+        return card["io"]
+    return {"verb": "predict", "input": card["spec"], "output": {"kind": "probs", "classes": card["classes"]}}
 
 
 def ort_session(path: str | Path, threads: int = 0):

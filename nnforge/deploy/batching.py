@@ -2,7 +2,7 @@
 
     batcher = MicroBatcher(max_batch_size=32, max_wait_ms=2, max_queue=256)
     await batcher.start()
-    logits = await batcher.submit(engine, arrays)   # (n, K); raises QueueFull when over max_queue
+    outputs = await batcher.submit(engine, arrays)  # (n, ...) raw outputs; raises QueueFull when over max_queue
 
 One task gathers queued inputs into a batch: everything already waiting (up to max_batch_size), then more for up
 to max_wait_ms, but only while other requests are on their way (being received or decoded; the server tells
@@ -28,12 +28,12 @@ class QueueFull(RuntimeError):
 @dataclass
 class _Item:
     array: np.ndarray
-    engine: object  # the Engine whose preprocessor made `array`; a reload may swap engines mid-queue
+    engine: object  # the Engine whose input kind made `array`; a reload may swap engines mid-queue
     future: asyncio.Future
 
 
 def _infer(engine, arrays: list[np.ndarray]) -> np.ndarray:
-    return engine.logits(engine.preprocessor.batch(arrays))
+    return engine.forward(engine.input.batch(arrays))
 
 
 class MicroBatcher:
@@ -110,7 +110,7 @@ class MicroBatcher:
             for items in groups.values():
                 t0 = time.perf_counter()
                 try:
-                    logits = await loop.run_in_executor(self._pool, _infer, items[0].engine,
+                    outputs = await loop.run_in_executor(self._pool, _infer, items[0].engine,
                                                         [it.array for it in items])
                 except Exception as err:  # a failed forward pass fails its requests, never the batcher
                     for it in items:
@@ -119,6 +119,6 @@ class MicroBatcher:
                     continue
                 if self.on_batch:
                     self.on_batch(len(items), time.perf_counter() - t0)
-                for it, row in zip(items, logits, strict=True):
+                for it, row in zip(items, outputs, strict=True):
                     if not it.future.done():
                         it.future.set_result(row)

@@ -1,11 +1,12 @@
 """A loaded model for serving: ONNX Runtime when RUN/model.onnx exists (and matches the checkpoint), else PyTorch.
 
     engine = load_engine("runs/image/exp1")            # backend="auto" | "onnx" | "torch"
-    x = engine.preprocessor.batch([engine.preprocessor.decode(png_bytes)])
-    probs = softmax(engine.logits(x))                  # (B, K)
+    x = engine.input.batch([engine.input.decode(png_bytes)])
+    rows = engine.output.rows(["shoe.png"], engine.output.finish(engine.forward(x)), top_k=3)
 
-Either way the input goes through the run's own preprocessor (the code `nnforge predict` uses), so a file gets
-the same answer from `predict` and from the server.
+Either way the input goes through the run's own input kind (the code `nnforge predict` uses), so a file gets the
+same answer from `predict` and from the server, and the run's output kind words the answer: the server knows no
+task. The ONNX path imports no PyTorch.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from nnforge.data.preprocess import build_preprocessor
-from nnforge.deploy.artifacts import CARD_FILE, INT8_FILE, MODEL_FILE, ort_session, read_card, sha256_file
+from nnforge.data.inputs import InputKind, build_input
+from nnforge.deploy.artifacts import CARD_FILE, INT8_FILE, MODEL_FILE, card_io, ort_session, read_card, sha256_file
+from nnforge.outputs import OutputKind, build_output
 
 log = logging.getLogger("nnforge.serve")
 
@@ -30,30 +32,33 @@ class Engine:
     backend: str          # "onnx", "onnx-int8" or "torch"
     name: str             # the architecture, e.g. resnet_tiny
     version: str          # first 12 hex digits of the served file's sha256
-    kind: str             # "image" or "text"
-    spec: dict            # the preprocessing spec (size, mean, std / tokenizer settings)
-    classes: list[str]
-    preprocessor: object
-    logits: Callable[[np.ndarray], np.ndarray]  # (B, ...) model input -> (B, K) float32 logits
-    input: dict = field(default_factory=dict)
+    io: dict              # the run's inputs and outputs by kind (verb, input spec, output spec)
+    input: InputKind      # reads and batches inputs
+    output: OutputKind    # turns raw outputs into answers
+    forward: Callable[[np.ndarray], np.ndarray]  # (B, ...) model input -> raw outputs (logits for classifiers)
+    tensor: dict          # the model's input tensor: name, dtype, shape
     load_seconds: float = 0.0
 
+    @property
+    def kind(self) -> str:
+        return self.input.name
+
+    @property
+    def verb(self) -> str:
+        return self.io.get("verb", "predict")
+
     def describe(self) -> dict:
-        return {"name": self.name, "version": self.version, "backend": self.backend, "run": self.run.name,
-                "kind": self.kind, "classes": self.classes, "num_classes": len(self.classes),
-                "input": self.input, "preprocessing": self.spec}
+        out = {"name": self.name, "version": self.version, "backend": self.backend, "run": self.run.name,
+               "verb": self.verb, "kind": self.kind, "input": self.tensor, "preprocessing": self.io["input"],
+               "output": self.output.describe()}
+        if "classes" in self.io["output"]:
+            out.update(classes=list(self.io["output"]["classes"]), num_classes=len(self.io["output"]["classes"]))
+        return out
 
     def warm(self, max_batch_size: int) -> None:
         """Run the largest and smallest batches once, so the first requests do not pay for allocation."""
-        pre = self.preprocessor
         for n in sorted({1, max_batch_size}, reverse=True):
-            self.logits(pre.batch(list(pre.example(n))))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+            self.forward(self.input.batch(list(self.input.example(n))))
 
 
 def _stale_reason(run: Path, card: dict) -> str | None:
@@ -98,28 +103,27 @@ def load_engine(run: str | Path, backend: str = "auto", int8: bool = False, devi
     chosen = choose_backend(run, backend, int8)
     if chosen == "onnx":
         card = read_card(run)
+        io = card_io(card)
         path = run / (INT8_FILE if int8 else card["file"])
         session = ort_session(path, threads)
         name = session.get_inputs()[0].name
 
-        def logits(x: np.ndarray) -> np.ndarray:
+        def forward(x: np.ndarray) -> np.ndarray:
             return session.run(None, {name: x})[0]
 
-        engine = Engine(run, "onnx-int8" if int8 else "onnx", card.get("model", "?"), sha256_file(path)[:12],
-                        card["kind"], card["spec"], list(card["classes"]), build_preprocessor(card["spec"], run),
-                        logits, card.get("input", {}))
+        engine = Engine(run, "onnx-int8" if int8 else "onnx", card.get("model", "?"), sha256_file(path)[:12], io,
+                        build_input(io["input"], run), build_output(io["output"]), forward, card.get("input", {}))
     else:
         import torch
 
-        from nnforge.tasks.classify import Predictor
+        from nnforge.inference import Loaded
 
         if threads:
             torch.set_num_threads(threads)  # the server leaves a core to its event loop
-        pred = Predictor(run, device=device)
-        ckpt = pred.run.checkpoint("best")
-        shape = ["batch", *pred.preprocessor.example(1).shape[1:]]
-        engine = Engine(run, "torch", pred.meta["model"], sha256_file(ckpt)[:12], pred.spec["kind"], pred.spec,
-                        list(pred.classes), pred.preprocessor, pred.logits,
-                        {"name": "input", "dtype": str(pred.preprocessor.example(1).dtype), "shape": shape})
+        loaded = Loaded(run, device=device)
+        example = loaded.input.example(1)
+        tensor = {"name": "input", "dtype": str(example.dtype), "shape": ["batch", *example.shape[1:]]}
+        engine = Engine(run, "torch", loaded.name, sha256_file(loaded.run.checkpoint("best"))[:12], loaded.io,
+                        loaded.input, loaded.output, loaded.forward, tensor)
     engine.load_seconds = time.perf_counter() - t0
     return engine

@@ -3,10 +3,11 @@
     nnforge export runs/image/exp1 --format onnx [--opset 18] [--quantize int8]
     report = export_onnx("runs/image/exp1", quantize="int8")
 
-writes RUN/model.onnx (dynamic batch axis; dynamic sequence axis too for text) and RUN/model.json (input spec,
-class names, opset, parity figures), and RUN/model.int8.onnx with --quantize int8. The export is traced on the
-preprocessor's own example batch and checked on the run's held-out items, through the same preprocessor that
-`predict` and `serve` use. A model whose outputs drift past the tolerance is not kept.
+writes RUN/model.onnx (the input kind's dynamic axes: the batch, and for text the sequence) and RUN/model.json
+(the run's io: input and output kinds, e.g. class names; opset, parity figures), and RUN/model.int8.onnx with
+--quantize int8. Any task's run exports the same way: the model comes from `nnforge.load`, is traced on its input
+kind's example batch and checked on the run's held-out items (or synthetic inputs), through the same input kind
+that `predict` and `serve` use. A model whose outputs drift past the tolerance is not kept.
 
 Exporter: torch.export (`dynamo=True`) first. The legacy TorchScript tracer is faster but bakes shapes into
 attention reshapes (a TransformerEncoder exported with a dynamic sequence axis fails at other lengths), and it is
@@ -24,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnforge.data.preprocess import InputError
+from nnforge.data.inputs import InputError
 from nnforge.deploy.artifacts import CARD_FILE, INT8_FILE, MODEL_FILE, ort_session, sha256_file
 from nnforge.engine.checkpoint import atomic_write_bytes
 from nnforge.engine.run import Run, versions
+from nnforge.inference import Loaded
 
-TOLERANCE = 1e-3      # largest |logit difference| allowed, relative to max(1, largest |logit|)
+TOLERANCE = 1e-3      # largest |output difference| allowed, relative to max(1, largest |output|)
 MIN_AGREEMENT = 0.99  # top-1 agreement; below 1.0 only so that exact ties cannot fail a sound export
 PARITY_LIMIT = 256    # held-out items PyTorch and ONNX Runtime both run: enough to see drift, quick to run
 INT8_EVAL_LIMIT = 2000  # held-out items the int8 model's accuracy is measured on (ONNX Runtime only)
@@ -43,19 +45,10 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def dynamic_axes(kind: str) -> dict[int, str]:
-    """Axes of the model input that vary between requests: the batch, and for text the token sequence."""
-    if kind == "image":
-        return {0: "batch"}  # (B, C, S, S): the picture size is fixed by the run's spec
-    if kind == "text":
-        return {0: "batch", 1: "seq"}  # (B, T) int64 token ids, padded to the longest in the batch
-    raise ValueError(f"cannot export input kind {kind!r}; expected image or text")
-
-
 def trace_example(pre) -> np.ndarray:
-    """The preprocessor's dummy batch, with every dynamic axis at least 2 long (a size-1 axis gets specialised)."""
+    """The input kind's dummy batch, with every dynamic axis at least 2 long (a size-1 axis gets specialised)."""
     x = pre.example(2)
-    for axis in dynamic_axes(pre.kind):
+    for axis in pre.dynamic_axes:
         if x.shape[axis] < 2:
             x = np.concatenate([x] * 2, axis=axis)
     return x
@@ -71,7 +64,7 @@ def held_out(run: Run, pre, limit: int = PARITY_LIMIT) -> tuple[str, list[np.nda
         arrays, labels = [], []
         for item, label in splits.get(name, []):
             try:
-                arrays.append(pre.load(item) if pre.kind == "image" else pre.decode(item))
+                arrays.append(pre.load(item))
                 labels.append(label)
             except InputError:
                 continue  # a file that went missing since training; the rest still check parity
@@ -80,13 +73,6 @@ def held_out(run: Run, pre, limit: int = PARITY_LIMIT) -> tuple[str, list[np.nda
         if arrays:
             return name, arrays, labels
     return "", [], []
-
-
-def _synthetic(pre, n: int = 16) -> list[np.ndarray]:
-    x = trace_example(pre)
-    if pre.kind == "image":  # normalised pixels are roughly standard normal
-        return list(np.random.default_rng(0).standard_normal((n, *x.shape[1:])).astype(np.float32))
-    return list(x)  # token ids: only the tokenizer knows which values are valid
 
 
 def _batches(pre, arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -99,11 +85,10 @@ def _batches(pre, arrays: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
-def _export_graph(model: torch.nn.Module, example: torch.Tensor, kind: str, path: Path, opset: int | None,
-                  exporter: str) -> str:
+def _export_graph(model: torch.nn.Module, example: torch.Tensor, axes: dict[int, str], output_name: str, path: Path,
+                  opset: int | None, exporter: str) -> str:
     """Write the ONNX graph to `path`; returns the exporter that worked ("dynamo" or "torchscript")."""
-    axes = dynamic_axes(kind)
-    names = {"input_names": ["input"], "output_names": ["logits"]}
+    names = {"input_names": ["input"], "output_names": [output_name]}
     errors = []
     for name in (["dynamo", "torchscript"] if exporter == "auto" else [exporter]):
         try:
@@ -115,7 +100,7 @@ def _export_graph(model: torch.nn.Module, example: torch.Tensor, kind: str, path
                     program.save(str(path), external_data=False)  # one self-contained file
                 else:
                     torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset or 17,
-                                      dynamic_axes={"input": axes, "logits": {0: "batch"}}, **names)
+                                      dynamic_axes={"input": axes, output_name: {0: "batch"}}, **names)
             return name
         except Exception as err:  # exporters raise many types; we report each and try the next one
             errors.append(f"{name}: {type(err).__name__}: {str(err).strip().splitlines()[0][:300]}")
@@ -123,18 +108,21 @@ def _export_graph(model: torch.nn.Module, example: torch.Tensor, kind: str, path
     raise ExportError("no exporter could capture the model:\n  " + "\n  ".join(errors))
 
 
-def parity(model: torch.nn.Module, session, batches: list[np.ndarray]) -> dict:
-    """Largest |logit difference| and top-1 agreement of ONNX Runtime against PyTorch on the same inputs."""
-    diff, agree, scale, n = 0.0, 0, 1.0, 0
+def parity(model: torch.nn.Module, session, batches: list[np.ndarray], output) -> dict:
+    """Largest |output difference| of ONNX Runtime against PyTorch on the same inputs, and how often they give the
+    same answer (top-1 agreement for classifiers; None where the output kind has no discrete answer)."""
+    diff, agree, scale, n = 0.0, 0.0, 1.0, 0
     for x in batches:
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).float().numpy()
         got = session.run(None, {"input": x})[0]
         diff = max(diff, float(np.abs(got - ref).max()))
         scale = max(scale, float(np.abs(ref).max()))
-        agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        same = output.agreement(got, ref)
+        agree = None if same is None else agree + same * len(x)
         n += len(x)
-    return {"items": n, "max_abs_diff": diff, "logit_scale": scale, "top1_agreement": agree / max(1, n)}
+    return {"items": n, "max_abs_diff": diff, "logit_scale": scale,
+            "top1_agreement": None if agree is None else agree / max(1, n)}
 
 
 def accuracy(session, batches: list[np.ndarray], labels: list[int]) -> float:
@@ -164,22 +152,22 @@ def export_onnx(run_path: str | Path, opset: int | None = None, quantize: str | 
     Returns the model card written to model.json. Raises ExportError (and keeps no model.onnx from this
     attempt) when ONNX Runtime disagrees with PyTorch beyond `tolerance`.
     """
-    from nnforge.tasks.classify import Predictor
-
     if quantize not in (None, "int8"):
         raise ValueError(f"--quantize {quantize!r}: expected int8")
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ValueError(f"exporter {exporter!r}: expected auto, dynamo or torchscript")
     run = Run(run_path)
-    pred = Predictor(run.path, which=which, device="cpu")
-    model, pre, kind = pred.model.float().eval(), pred.preprocessor, pred.spec["kind"]
+    loaded = Loaded(run.path, which=which, device="cpu")
+    model, pre, output = loaded.model.float().eval(), loaded.input, loaded.output
+    output_name = "logits" if output.name == "probs" else "output"
     final, tmp = run.path / MODEL_FILE, run.path / f".{MODEL_FILE}.tmp"
 
     t0 = time.perf_counter()
     try:
         import onnx
 
-        used = _export_graph(model, torch.from_numpy(trace_example(pre)), kind, tmp, opset, exporter)
+        example = trace_example(pre)
+        used = _export_graph(model, torch.from_numpy(example), pre.dynamic_axes, output_name, tmp, opset, exporter)
         export_s = time.perf_counter() - t0
         graph = onnx.load(str(tmp))
         onnx.checker.check_model(graph)
@@ -188,29 +176,32 @@ def export_onnx(run_path: str | Path, opset: int | None = None, quantize: str | 
         split, arrays, labels = held_out(run, pre, INT8_EVAL_LIMIT if quantize else PARITY_LIMIT)
         if not arrays:  # a run without a split record (copied by hand): synthetic inputs still catch drift
             _log("export: no held-out items in split.json; checking parity on synthetic inputs")
-            split, arrays = "synthetic", _synthetic(pre)
-        check = parity(model, session, _batches(pre, arrays[:PARITY_LIMIT]))
+            split, arrays = "synthetic", pre.synthetic()
+        check = parity(model, session, _batches(pre, arrays[:PARITY_LIMIT]), output)
         check.update(split=split, tolerance=tolerance, min_agreement=MIN_AGREEMENT)
         bound = tolerance * check["logit_scale"]
-        if check["max_abs_diff"] > bound or check["top1_agreement"] < MIN_AGREEMENT:
+        agreement = check["top1_agreement"]
+        if check["max_abs_diff"] > bound or (agreement is not None and agreement < MIN_AGREEMENT):
+            agreed = "" if agreement is None else f", top-1 agreement {agreement:.2%} (needed {MIN_AGREEMENT:.0%})"
             raise ExportError(
                 f"{run.path}: ONNX Runtime disagrees with PyTorch on {check['items']} {split} items: largest "
-                f"|logit difference| {check['max_abs_diff']:.3g} (allowed {bound:.3g}), top-1 agreement "
-                f"{check['top1_agreement']:.2%} (needed {MIN_AGREEMENT:.0%}); exporter {used}, opset {real_opset}. "
-                "model.onnx was not written; try another --opset, or report the model")
+                f"|output difference| {check['max_abs_diff']:.3g} (allowed {bound:.3g}){agreed}; exporter "
+                f"{used}, opset {real_opset}. model.onnx was not written; try another --opset, or report the model")
         tmp.replace(final)
     finally:
         tmp.unlink(missing_ok=True)
+    agreed = "" if agreement is None else f", top-1 agreement {agreement:.2%}"
     _log(f"export: {final} ({final.stat().st_size / 1e6:.2f} MB, {used} exporter, opset {real_opset}, "
-         f"{export_s:.1f}s); parity on {check['items']} {split} items: max |diff| {check['max_abs_diff']:.2e}, "
-         f"top-1 agreement {check['top1_agreement']:.2%}")
+         f"{export_s:.1f}s); parity on {check['items']} {split} items: max |diff| {check['max_abs_diff']:.2e}"
+         f"{agreed}")
 
+    out_shape = loaded.forward(pre.batch(list(example))).shape
     card = {
-        "format": "onnx", "file": MODEL_FILE, "model": pred.meta["model"], "kind": kind, "spec": pred.spec,
-        "classes": pred.classes, "num_classes": len(pred.classes), "opset": real_opset, "exporter": used,
-        "input": {"name": "input", "dtype": "float32" if kind == "image" else "int64",
-                  "shape": [dynamic_axes(kind).get(i, int(d)) for i, d in enumerate(trace_example(pre).shape)]},
-        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", len(pred.classes)]},
+        "format": "onnx", "file": MODEL_FILE, "model": loaded.name, "task": loaded.meta.get("task"),
+        "io": loaded.io, "opset": real_opset, "exporter": used,
+        "input": {"name": "input", "dtype": str(example.dtype),
+                  "shape": [pre.dynamic_axes.get(i, int(d)) for i, d in enumerate(example.shape)]},
+        "output": {"name": output_name, "dtype": "float32", "shape": ["batch", *out_shape[1:]]},
         "parity": check, "sha256": sha256_file(final),
         # the checkpoint this file came from: the server notices a stale export after re-training
         "source": {"checkpoint": f"checkpoints/{which}.safetensors",
@@ -218,7 +209,7 @@ def export_onnx(run_path: str | Path, opset: int | None = None, quantize: str | 
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(),
     }
     if quantize == "int8":
-        card["int8"] = _quantize_and_compare(run.path, session, _batches(pre, arrays), labels, pred.classes, split)
+        card["int8"] = _quantize_and_compare(run.path, session, _batches(pre, arrays), labels, loaded, split)
     elif (run.path / INT8_FILE).exists():  # made from an older model.onnx: it would no longer match the card
         (run.path / INT8_FILE).unlink()
         _log(f"export: removed the stale {run.path / INT8_FILE} (pass --quantize int8 to make a new one)")
@@ -226,7 +217,7 @@ def export_onnx(run_path: str | Path, opset: int | None = None, quantize: str | 
     return card
 
 
-def _quantize_and_compare(folder: Path, fp32_session, batches, labels, classes, split) -> dict:
+def _quantize_and_compare(folder: Path, fp32_session, batches, labels, loaded: Loaded, split) -> dict:
     dst = folder / INT8_FILE
     quantize_int8(folder / MODEL_FILE, dst)
     int8 = ort_session(dst)
@@ -234,7 +225,8 @@ def _quantize_and_compare(folder: Path, fp32_session, batches, labels, classes, 
            "fp32_mb": (folder / MODEL_FILE).stat().st_size / 1e6, "split": split}
     agree = parity_onnx(fp32_session, int8, batches)
     out["top1_agreement_with_fp32"] = agree
-    if labels and split in ("test", "val"):
+    classes = loaded.classes
+    if labels and split in ("test", "val") and classes:
         index = {c: i for i, c in enumerate(classes)}
         y = [index[c] for c in labels]
         out["accuracy_fp32"], out["accuracy_int8"] = accuracy(fp32_session, batches, y), accuracy(int8, batches, y)

@@ -15,8 +15,6 @@ counts the bytes of a chunked body as they arrive.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import gc
 import json
@@ -36,12 +34,12 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
-from nnforge.data.preprocess import InputError
+from nnforge.data.inputs import InputError, InputKind
 from nnforge.deploy import prom
 from nnforge.deploy.apidocs import api_reference_html
 from nnforge.deploy.asgi import BearerAuth, BodyLimit, Metrics
 from nnforge.deploy.batching import MicroBatcher, QueueFull
-from nnforge.deploy.engine import Engine, load_engine, softmax
+from nnforge.deploy.engine import Engine, load_engine
 from nnforge.deploy.settings import ServeSettings, default_threads
 
 log = logging.getLogger("nnforge.serve")
@@ -64,31 +62,20 @@ class Reject(Exception):
         self.status, self.detail, self.headers = status, detail, headers
 
 
-def _b64(value, where: str) -> bytes:
-    if not isinstance(value, str):
-        raise Reject(400, f"{where}: expected a base64 string, got {type(value).__name__}")
-    if value.startswith("data:") and "," in value:  # a data URL: data:image/png;base64,....
-        value = value.split(",", 1)[1]
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise Reject(400, f"{where}: not valid base64") from None
-
-
-async def read_inputs(request: Request, kind: str, max_inputs: int) -> list[tuple[str, bytes | str]]:
-    """(name, raw input) pairs from any accepted body; Reject with the reason otherwise."""
+async def read_inputs(request: Request, pre: InputKind, max_inputs: int) -> list[tuple[str, bytes | str]]:
+    """(name, raw input) pairs from any body the model's input kind accepts; Reject with the reason otherwise."""
     ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-    key = "images" if kind == "image" else "texts"
-    accepted = ("multipart/form-data, application/json {\"images\": [base64, ...]} or image/*"
-                if kind == "image" else "application/json {\"texts\": [...]} or text/plain")
-    if ctype == "multipart/form-data" and kind == "image":
+    key = pre.json_key
+    accepted = ", ".join((["multipart/form-data"] if pre.multipart else []) + [f"application/json {{\"{key}\": [...]}}"]
+                         + [t + ("*" if t.endswith("/") else "") for t in pre.body_types])
+    if ctype == "multipart/form-data" and pre.multipart:
         form = await request.form(max_files=max_inputs, max_fields=max_inputs)
         try:
             items = [(v.filename or k, await v.read()) for k, v in form.multi_items() if isinstance(v, UploadFile)]
         finally:
             await form.close()
         if not items:
-            raise Reject(400, "the form holds no files; send each image as a file field (curl -F file=@x.png)")
+            raise Reject(400, "the form holds no files; send each input as a file field (curl -F file=@x.png)")
     elif ctype == "application/json":
         body = await request.body()
         if not body:
@@ -100,35 +87,32 @@ async def read_inputs(request: Request, kind: str, max_inputs: int) -> list[tupl
         except RecursionError:
             raise Reject(400, "body is JSON nested too deeply") from None
         if not isinstance(data, dict) or key not in data:
-            raise Reject(400, f"expected a JSON object with a \"{key}\" list; this run takes {kind} inputs")
+            raise Reject(400, f"expected a JSON object with a \"{key}\" list; this run takes {pre.name} inputs")
         values = data[key]
         if not isinstance(values, list) or not values:
             raise Reject(400, f"\"{key}\" must be a non-empty list")
         if len(values) > max_inputs:
             raise Reject(413, f"{len(values)} inputs in one request; the limit is {max_inputs}")
-        if kind == "image":
-            items = [(f"images[{i}]", _b64(v, f"images[{i}]")) for i, v in enumerate(values)]
-        else:
-            bad = [i for i, v in enumerate(values) if not isinstance(v, str)]
-            if bad:
-                raise Reject(400, f"texts[{bad[0]}]: expected a string, got {type(values[bad[0]]).__name__}")
-            items = [(f"texts[{i}]", v) for i, v in enumerate(values)]
-    elif kind == "image" and (ctype.startswith("image/") or ctype == "application/octet-stream"):
-        items = [("body", await request.body())]
-    elif kind == "text" and ctype == "text/plain":
-        body = await request.body()
         try:
-            items = [("body", body.decode("utf-8"))]
-        except UnicodeDecodeError:
-            raise Reject(400, "text/plain body is not UTF-8") from None
+            items = [(f"{key}[{i}]", pre.from_json(v, f"{key}[{i}]")) for i, v in enumerate(values)]
+        except InputError as err:
+            raise Reject(400, str(err)) from None
+    elif any(ctype.startswith(t) if t.endswith("/") else ctype == t for t in pre.body_types):
+        body = await request.body()
+        if ctype.startswith("text/"):
+            try:
+                body = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Reject(400, f"{ctype} body is not UTF-8") from None
+        items = [("body", body)]
     elif not ctype:
         raise Reject(415, f"no Content-Type; send {accepted}")
     else:
-        raise Reject(415, f"Content-Type {ctype} is not accepted by this {kind} model; send {accepted}")
+        raise Reject(415, f"Content-Type {ctype} is not accepted by this {pre.name} model; send {accepted}")
     if len(items) > max_inputs:
         raise Reject(413, f"{len(items)} inputs in one request; the limit is {max_inputs}")
     for name, raw in items:
-        if len(raw) == 0:
+        if isinstance(raw, bytes | str) and len(raw) == 0:
             raise Reject(400, "empty body" if name == "body" else f"{name}: empty")
     return items
 
@@ -137,7 +121,7 @@ def preprocess(engine: Engine, items: list[tuple[str, bytes | str]]) -> list[np.
     arrays = []
     for name, raw in items:
         try:
-            arrays.append(engine.preprocessor.decode(raw))
+            arrays.append(engine.input.decode(raw))
         except InputError as err:
             raise Reject(400, f"{name}: {err}") from None
         except Exception as err:  # a decoder failing in a way nobody foresaw: still the input's fault, not a 500
@@ -213,8 +197,8 @@ class _State:
         s = self.settings
         engine = load_engine(run, backend, s.int8 and backend != "torch", s.device, s.threads)
         engine.warm(s.max_batch_size)
-        if engine.kind == "image" and hasattr(engine.preprocessor, "max_pixels"):
-            engine.preprocessor.max_pixels = s.max_pixels
+        if hasattr(engine.input, "max_pixels"):  # image inputs: refuse a picture too large before decoding it
+            engine.input.max_pixels = s.max_pixels
         return engine
 
 
@@ -311,7 +295,7 @@ def create_app(settings: ServeSettings, on_fatal=None):
         state.predicting += 1
         try:
             async with asyncio.timeout(settings.timeout_s):
-                items = await read_inputs(request, engine.kind, settings.max_inputs)
+                items = await read_inputs(request, engine.input, settings.max_inputs)
                 if sum(len(raw) for _, raw in items) > INLINE_DECODE_BYTES:
                     arrays = await asyncio.to_thread(preprocess, engine, items)
                 else:
@@ -327,11 +311,8 @@ def create_app(settings: ServeSettings, on_fatal=None):
             return _error(400, "the client went away before sending the whole body")
         finally:
             state.predicting -= 1
-        probs = softmax(logits)
-        k = min(top_k or settings.top_k, len(engine.classes))
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        preds = [{"input": name, "labels": [engine.classes[j] for j in row], "probs": [float(p[j]) for j in row]}
-                 for (name, _), row, p in zip(items, top, probs, strict=True)]
+        preds = engine.output.rows([name for name, _ in items], engine.output.finish(logits),
+                                   top_k=top_k or settings.top_k)
         # a JSONResponse as is: FastAPI's encoder would walk every float again (a fifth of a small request's cost)
         return JSONResponse({"model": engine.name, "version": engine.version, "backend": engine.backend,
                              "predictions": preds})

@@ -1,11 +1,21 @@
-"""The supervised training loop, for any model that maps a batch to class logits.
+"""The training engine: any task's step, and everything around it.
 
-    state = fit(model, source, evaluate_fn, cfg, run, ckpt_meta={...})
+    trainable = Trainable(modules={"model": net}, optimizers={"model": OptimSpec.from_config(cfg)}, step=step,
+                          source=source, validate=validate, directions={"val_acc": "max", "val_loss": "min"})
+    state = fit(trainable, cfg, run, device=device)
 
-`source` yields (inputs, targets) batches already on the device: the data layer owns decoding, augmentation and
-placement, the loop owns optimisation, checkpoints and logging. Everything random in a batch is derived from
-(seed, epoch, batch index), and the global RNGs are saved in each checkpoint, so a resumed run repeats the
-uninterrupted one exactly on the CPU.
+The task supplies the step: `step(models, batch, ctx) -> (n, metrics)` trains on one batch. It runs its forward
+passes under `with ctx.autocast():`, calls `ctx.update(loss)` once per optimizer (`ctx.update(loss_d, "d")` where
+there are several: backward, gradient clipping, the optimizer step), and returns how many examples the batch held
+and its metrics as scalar tensors ({"loss": ..., "acc": ...}), which the engine averages over the epoch and logs
+as train_<name>. The engine owns the rest and knows nothing of a particular family: devices, bf16 autocast,
+channels-last, torch.compile, EMA copies, LR schedules (plain functions of the step), progress with rate and ETA,
+validation and metrics.csv/TensorBoard after every epoch, the best checkpoint by any logged metric and direction,
+early stopping, exact resume mid-epoch, Ctrl-C/SIGTERM checkpoints and NaN stops that never touch `best`.
+
+`source` yields batches already on the device: the data layer owns decoding, augmentation and placement.
+Everything random in a batch is derived from (seed, epoch, batch index), and the global RNGs are saved in each
+checkpoint, so a resumed run repeats the uninterrupted one exactly on the CPU.
 """
 
 from __future__ import annotations
@@ -16,28 +26,73 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
-from typing import Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nnforge.config import EngineConfig
+from nnforge.config import ConfigError, EngineConfig
 from nnforge.engine.checkpoint import load_checkpoint, save_checkpoint
 from nnforge.engine.device import autocast, resolve_precision
 from nnforge.engine.errors import TrainingDiverged, TrainingInterrupted
-from nnforge.engine.optim import build_optimizer, optimizer_from_flat, optimizer_to_flat
+from nnforge.engine.optim import OptimSpec, build_optimizer, optimizer_from_flat, optimizer_to_flat
 from nnforge.engine.progress import Progress
 from nnforge.engine.run import Run
 from nnforge.engine.schedule import lr_at
 from nnforge.engine.seeding import rng_state, set_rng_state
 
+RESERVED = ("optim", "rng")  # checkpoint tensor prefixes the engine uses itself: not module names
+
 
 class BatchSource(Protocol):
     def __len__(self) -> int: ...  # batches per epoch
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]: ...
+
+
+class StepContext:
+    """What a task's step gets from the engine: the autocast policy and the update of an optimizer."""
+
+    def __init__(self, device: torch.device, amp_dtype, optimizers: dict[str, torch.optim.Optimizer],
+                 params: dict[str, list[nn.Parameter]], clip: float | None):
+        self.device, self.amp_dtype, self.clip = device, amp_dtype, clip
+        self.optimizers, self.params = optimizers, params
+        self._sole = next(iter(optimizers)) if len(optimizers) == 1 else None
+
+    def autocast(self):
+        return autocast(self.device, self.amp_dtype)
+
+    def update(self, loss: torch.Tensor, optimizer: str | None = None) -> None:
+        """backward, clip the gradient norm of the optimizer's parameters, step, zero the gradients."""
+        name = optimizer or self._sole
+        if name is None:
+            raise ValueError(f"this task has several optimizers ({', '.join(self.optimizers)}); name one")
+        loss.backward()
+        if self.clip:
+            nn.utils.clip_grad_norm_(self.params[name], self.clip)
+        opt = self.optimizers[name]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+Step = Callable[[dict[str, nn.Module], Any, StepContext], tuple[int, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class Trainable:
+    """What a task hands the engine: named modules, their optimizers, a step, batches and a validation."""
+
+    modules: dict[str, nn.Module]
+    optimizers: dict[str, OptimSpec]
+    step: Step
+    source: BatchSource
+    validate: Callable[[dict[str, nn.Module]], dict[str, float]]  # after every epoch, models in eval copies incl.
+    directions: dict[str, str] = field(default_factory=dict)  # logged metric -> "max" | "min" (monitor's default)
+    ema: dict[str, str] = field(default_factory=dict)  # EMA copy name -> module it follows (made when cfg.ema)
+    before_epoch: Callable[[int, dict[str, nn.Module]], None] | None = None  # e.g. freeze a body for N epochs
+    state: dict = field(default_factory=dict)  # the task's own small JSON state, saved and restored with checkpoints
+    meta: dict = field(default_factory=dict)  # written into every checkpoint: what loading the model needs
 
 
 @dataclass
@@ -48,14 +103,20 @@ class TrainState:
     best: float | None = None
     best_epoch: int = 0
     bad_epochs: int = 0
-    loss_sum: float = 0.0  # the unfinished epoch's running sums, so its metrics resume exactly
-    correct: int = 0
+    sums: dict[str, float] = field(default_factory=dict)  # the unfinished epoch's metric sums, to resume exactly
     seen: int = 0
     stopped: str | None = None  # early_stop | interrupted | None
     elapsed_s: float = 0.0  # wall time spent in fit so far (training, validation, saves), across resumes
 
+    @classmethod
+    def from_json(cls, d: dict) -> TrainState:
+        d = dict(d)
+        if "loss_sum" in d:  # a checkpoint from before task steps: classification's two running sums
+            d["sums"] = {"loss": d.pop("loss_sum"), "acc": float(d.pop("correct", 0))}
+        return cls(**d)
 
-class _StopFlag:
+
+class StopFlag:
     """Ctrl-C / SIGTERM ask for a stop at the next step boundary; a second Ctrl-C stops at once."""
 
     def __init__(self):
@@ -83,7 +144,7 @@ class _StopFlag:
 
 
 class EMA:
-    """Exponential moving average of the weights; buffers (BatchNorm statistics) are copied."""
+    """Exponential moving average of a module's weights; buffers (BatchNorm statistics) are copied."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -99,10 +160,65 @@ class EMA:
             b_ema.copy_(b)
 
 
-def _better(value: float, best: float | None, monitor: str) -> bool:
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints of named modules and optimizers (also for tasks whose algorithm is its own loop)
+
+
+def checkpoint_tensors(modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer]
+                       ) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON) of every module, optimizer and global RNG: module weights under "<name>.", optimizer
+    state under "optim.<name>.", RNG states under "rng."."""
+    tensors = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    opt_json = {}
+    for name, opt in optimizers.items():
+        t, opt_json[name] = optimizer_to_flat(opt, f"optim.{name}.")
+        tensors.update(t)
+    rng_t, rng_j = rng_state()
+    tensors.update(rng_t)
+    return tensors, {"optimizers": opt_json, "rng": rng_j}
+
+
+def restore_checkpoint(path, modules: dict[str, nn.Module], optimizers: dict[str, torch.optim.Optimizer], device,
+                       initial_copies: dict[str, str] | None = None) -> dict:
+    """Load modules, optimizers and RNGs from a checkpoint; returns its JSON. initial_copies: {module: source}
+    for modules a checkpoint may lack (an EMA added on resume), which then start as a copy of their source."""
+    tensors, meta = load_checkpoint(path)
+    for name, m in modules.items():
+        sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        if not sd and name in (initial_copies or {}):
+            sd = modules[initial_copies[name]].state_dict()
+        m.load_state_dict(sd)
+    if "optimizers" in meta:
+        for name, opt in optimizers.items():
+            optimizer_from_flat(opt, tensors, meta["optimizers"][name], device, f"optim.{name}.")
+    else:  # a checkpoint from before named optimizers: one optimizer, state under "optim.<param id>."
+        (opt,) = optimizers.values()
+        optimizer_from_flat(opt, tensors, meta["optimizer"], device)
+    set_rng_state(tensors, meta["rng"])
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
     if best is None:
         return True
-    return value < best if monitor == "val_loss" else value > best
+    return value < best if mode == "min" else value > best
+
+
+def monitor_mode(cfg: EngineConfig, directions: dict[str, str]) -> str:
+    """max or min for cfg.monitor: the config's choice, else the task's declaration, else min for a *loss."""
+    if cfg.monitor_mode != "auto":
+        return cfg.monitor_mode
+    if cfg.monitor in directions:
+        return directions[cfg.monitor]
+    if cfg.monitor.endswith("loss"):
+        return "min"
+    known = ", ".join(f"{k} ({v})" for k, v in directions.items()) or "none declared"
+    raise ConfigError(f"monitor '{cfg.monitor}': this task's validation metrics are {known}; pick one, or set "
+                      "monitor_mode to max or min for another logged metric")
 
 
 def _fmt_time(s: float) -> str:
@@ -110,43 +226,52 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def fit(
-    model: nn.Module,
-    source: BatchSource,
-    evaluate: Callable[[nn.Module], dict[str, float]],
-    cfg: EngineConfig,
-    run: Run,
-    *,
-    device: torch.device,
-    ckpt_meta: dict,
-    class_weights: torch.Tensor | None = None,
-    head_names: list[str] | None = None,
-    resume_from: str | None = None,
-) -> TrainState:
-    """Train `model` for cfg.epochs, evaluating, logging and checkpointing after every epoch.
+def _channels_last(batch):
+    if isinstance(batch, torch.Tensor):
+        return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
+    if isinstance(batch, tuple | list):
+        return type(batch)(_channels_last(b) for b in batch)
+    return batch
 
-    head_names: parameter-name prefixes that stay trainable during cfg.freeze_epochs (if the config has them).
-    resume_from: a checkpoint path to continue from (model, optimizer, EMA, RNG, step, epoch, sums).
+
+def fit(trainable: Trainable, cfg: EngineConfig, run: Run, *, device: torch.device,
+        resume_from: str | None = None) -> TrainState:
+    """Train for cfg.epochs, validating, logging and checkpointing after every epoch.
+
+    resume_from: a checkpoint path to continue from (modules, optimizers, EMA, RNG, step, epoch, sums, task state).
     """
+    t = trainable
+    bad = [n for n in t.modules if n in RESERVED or "." in n]
+    if bad:
+        raise ValueError(f"module names {bad} are reserved or contain a dot")
+    mode = monitor_mode(cfg, t.directions)
     amp_dtype = resolve_precision(cfg.precision, device)
     channels_last = cfg.channels_last and device.type != "mps"
-    model.to(device)
+    modules = dict(t.modules)
+    for m in modules.values():
+        m.to(device)
+        if channels_last:
+            m.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # batch shapes repeat (the ragged last batch is dropped): tune once
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model, cfg)
-    ema = EMA(model, cfg.ema) if cfg.ema else None
+    params = {name: [p for m in spec.modules for p in modules[m].parameters()] for name, spec in t.optimizers.items()}
+    opts = {name: build_optimizer([modules[m] for m in spec.modules], spec) for name, spec in t.optimizers.items()}
+    emas = {name: EMA(modules[src], cfg.ema) for name, src in t.ema.items()} if cfg.ema else {}
+    modules.update({name: e.model for name, e in emas.items()})
     state = TrainState()
     if resume_from:
-        state = _restore(resume_from, model, opt, ema, device)
+        meta = restore_checkpoint(resume_from, modules, opts, device, initial_copies=t.ema)
+        state = TrainState.from_json(meta["state"])
+        state.stopped = None
+        t.state.update(meta.get("task_state") or {})
         run.truncate_metrics(state.epoch)
-    step_model = torch.compile(model) if cfg.compile else model
-    weight = class_weights.to(device) if class_weights is not None else None
-    freeze_epochs = getattr(cfg, "freeze_epochs", 0)
-    steps_per_epoch = len(source)
+    trained = {n: m for n, m in modules.items() if n not in emas}
+    views = {n: torch.compile(m) for n, m in trained.items()} if cfg.compile else dict(trained)
+    views.update({n: e.model for n, e in emas.items()})
+    ctx = StepContext(device, amp_dtype, opts, params, cfg.clip_grad)
+    steps_per_epoch = len(t.source)
     total_steps = cfg.epochs * steps_per_epoch
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    warmups = {n: int(s.warmup_epochs * steps_per_epoch) for n, s in t.optimizers.items()}
     prec = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
     print(f"training on {device} ({prec}{', channels_last' if channels_last else ''}): "
           f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size}", file=sys.stderr)
@@ -154,67 +279,61 @@ def fit(
         print(f"{run.path} already has {state.epoch} epochs; pass a larger --epochs to extend it", file=sys.stderr)
         return state
 
+    def lrs_at(step: int) -> dict[str, float]:
+        return {n: lr_at(step, total_steps, s.lr, warmups[n], s.schedule) for n, s in t.optimizers.items()}
+
     def save(*which: str) -> None:
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        if ema:
-            tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
-        opt_t, opt_j = optimizer_to_flat(opt)
-        rng_t, rng_j = rng_state()
-        tensors.update(opt_t)
-        tensors.update(rng_t)
-        meta = dict(ckpt_meta, state=asdict(state), optimizer=opt_j, rng=rng_j, config=cfg.model_dump(mode="json"))
+        tensors, extra = checkpoint_tensors(modules, opts)
+        meta = dict(t.meta, state=asdict(state), config=cfg.model_dump(mode="json"), task_state=t.state, **extra)
         save_checkpoint([run.checkpoint(w) for w in which], tensors, meta)
 
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
     run_start = time.perf_counter()
     epochs_at_start, elapsed_at_start = state.epoch, state.elapsed_s
-    with _StopFlag() as stop:
+    with StopFlag() as stop:
         while state.epoch < cfg.epochs:
             epoch = state.epoch
-            frozen = epoch < freeze_epochs and head_names
-            for name, p in model.named_parameters():
-                p.requires_grad_(not frozen or any(name.startswith(h) for h in head_names))
-            model.train()
-            loss_sum = torch.tensor(state.loss_sum, dtype=acc_dtype, device=device)
-            correct = torch.tensor(state.correct, dtype=torch.int64, device=device)
+            if t.before_epoch:
+                t.before_epoch(epoch, modules)
+            for m in trained.values():
+                m.train()
+            sums = {k: torch.tensor(v, dtype=acc_dtype, device=device) for k, v in state.sums.items()}
             seen = seen_at_start = state.seen
             t0 = time.perf_counter()
             bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step", initial=state.batch_in_epoch)
-            lr = lr_at(max(0, state.step - 1), total_steps, cfg.lr, warmup, cfg.schedule)  # logged if no step runs
-            for x, y in source.epoch(epoch, start=state.batch_in_epoch):
-                lr = lr_at(state.step, total_steps, cfg.lr, warmup, cfg.schedule)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                if channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(device, amp_dtype):
-                    logits = step_model(x)
-                loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
-                loss.backward()
-                if cfg.clip_grad:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if ema:
-                    ema.update(model, state.step)
+            lrs = lrs_at(max(0, state.step - 1))  # logged if no step runs
+            for batch in t.source.epoch(epoch, start=state.batch_in_epoch):
+                lrs = lrs_at(state.step)
+                for name, opt in opts.items():
+                    for g in opt.param_groups:
+                        g["lr"] = lrs[name]
+                if channels_last:
+                    batch = _channels_last(batch)
+                n, metrics = t.step(views, batch, ctx)
+                for name, e in emas.items():
+                    e.update(modules[t.ema[name]], state.step)
                 state.step += 1
                 state.batch_in_epoch += 1
-                loss_sum += loss.detach().to(acc_dtype) * len(y)
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += len(y)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.detach().to(acc_dtype) * n
+                seen += n
                 if state.step % cfg.log_every == 0 or state.batch_in_epoch == steps_per_epoch:
-                    running = loss_sum.item() / seen  # one sync per log interval, not per step
-                    if not math.isfinite(running):
+                    names = list(sums)
+                    running = dict(zip(names, (torch.stack([sums[k] for k in names]) / seen).tolist(), strict=True))
+                    broken = {k: v for k, v in running.items() if not math.isfinite(v)}  # one sync per interval
+                    if broken:
+                        k, v = next(iter(broken.items()))
+                        lr_text = ", ".join(f"{x:.3g}" for x in lrs.values())
                         raise TrainingDiverged(
-                            f"loss became {running} by step {state.step} (epoch {epoch + 1}, lr {lr:.3g}); "
+                            f"{k} became {v} by step {state.step} (epoch {epoch + 1}, lr {lr_text}); "
                             f"stopped without saving, so {run.checkpoint('best')} is untouched. Try a lower --lr, "
                             "a --clip-grad value, or --precision fp32."
                         )
                     rate = (seen - seen_at_start) / max(1e-9, time.perf_counter() - t0)
-                    bar.update(0, loss=f"{running:.4f}", acc=f"{correct.item() / seen:.3f}", ex_s=f"{rate:.0f}")
+                    bar.update(0, **{k: f"{v:.4f}" for k, v in running.items()}, ex_s=f"{rate:.0f}")
                 bar.update(1)
                 if stop.requested:
-                    state.loss_sum, state.correct, state.seen = loss_sum.item(), int(correct.item()), seen
+                    state.sums, state.seen = {k: v.item() for k, v in sums.items()}, seen
                     state.stopped = "interrupted"
                     state.elapsed_s = elapsed_at_start + time.perf_counter() - run_start
                     save("last")
@@ -225,20 +344,27 @@ def fit(
                     )
             bar.close()
             epoch_time = time.perf_counter() - t0
-            train_loss, train_acc = loss_sum.item() / max(1, seen), correct.item() / max(1, seen)
-            if not math.isfinite(train_loss):
-                raise TrainingDiverged(f"loss became {train_loss} in epoch {epoch + 1}; best checkpoint untouched")
-            metrics = evaluate(ema.model if ema else model)
+            train = {f"train_{k}": v.item() / max(1, seen) for k, v in sums.items()}
+            broken = {k: v for k, v in train.items() if not math.isfinite(v)}
+            if broken:
+                raise TrainingDiverged(f"{next(iter(broken))} became {next(iter(broken.values()))} in epoch "
+                                       f"{epoch + 1}; best checkpoint untouched")
+            for m in trained.values():
+                m.eval()
+            val = t.validate(modules)
             state.elapsed_s = elapsed_at_start + time.perf_counter() - run_start
             state.epoch += 1
-            state.batch_in_epoch, state.loss_sum, state.correct, state.seen = 0, 0.0, 0, 0
-            row = {"epoch": state.epoch, "step": state.step, "lr": lr, "train_loss": train_loss,
-                   "train_acc": train_acc, **metrics, "epoch_time_s": round(epoch_time, 3),
-                   "elapsed_s": round(state.elapsed_s, 3),
+            state.batch_in_epoch, state.sums, state.seen = 0, {}, 0
+            lr_cols = {"lr": lrs[next(iter(lrs))]} if len(lrs) == 1 else {f"lr_{n}": v for n, v in lrs.items()}
+            row = {"epoch": state.epoch, "step": state.step, **lr_cols, **train, **val,
+                   "epoch_time_s": round(epoch_time, 3), "elapsed_s": round(state.elapsed_s, 3),
                    "examples_per_s": round((seen - seen_at_start) / max(epoch_time, 1e-9), 1)}
             run.log_metrics(row)
-            value = metrics[cfg.monitor]
-            improved = _better(value, state.best, cfg.monitor)
+            if cfg.monitor not in row:
+                logged = ", ".join(k for k in row if k not in ("epoch", "step"))
+                raise ConfigError(f"monitor '{cfg.monitor}' is not logged by this task; logged: {logged}")
+            value = row[cfg.monitor]
+            improved = _better(value, state.best, mode)
             if improved:
                 state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
             else:
@@ -248,25 +374,12 @@ def fit(
             save("last", *(["best"] if improved else []))  # one serialisation for both files
             done = state.epoch - epochs_at_start
             eta = (time.perf_counter() - run_start) / done * (cfg.epochs - state.epoch)
-            extra = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            print(f"epoch {state.epoch}/{cfg.epochs}  train_loss {train_loss:.4f} train_acc {train_acc:.4f}  "
-                  f"{extra}  {row['examples_per_s']:.0f} ex/s  {epoch_time:.1f}s"
-                  f"{'  *best' if improved else ''}  ETA {_fmt_time(eta)}", file=sys.stderr)
+            shown = " ".join(f"{k} {v:.4f}" for k, v in train.items())
+            extra = " ".join(f"{k} {v:.4f}" for k, v in val.items())
+            print(f"epoch {state.epoch}/{cfg.epochs}  {shown}  {extra}  {row['examples_per_s']:.0f} ex/s  "
+                  f"{epoch_time:.1f}s{'  *best' if improved else ''}  ETA {_fmt_time(eta)}", file=sys.stderr)
             if state.stopped == "early_stop":
                 print(f"early stop: {cfg.monitor} has not improved for {state.bad_epochs} epochs", file=sys.stderr)
                 break
     run.close()
-    return state
-
-
-def _restore(path, model, opt, ema, device) -> TrainState:
-    tensors, meta = load_checkpoint(path)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    if ema:
-        ema_sd = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-        ema.model.load_state_dict(ema_sd or model.state_dict())
-    optimizer_from_flat(opt, tensors, meta["optimizer"], device)
-    set_rng_state(tensors, meta["rng"])
-    state = TrainState(**meta["state"])
-    state.stopped = None
     return state

@@ -1,6 +1,14 @@
-"""Optimizers: AdamW or SGD-Nesterov, no weight decay on norms and biases, and a pickle-free state round trip."""
+"""Optimizers: what one updates and how (OptimSpec), no weight decay on norms and biases, and a pickle-free state
+round trip for checkpoints.
+
+    spec = OptimSpec.from_config(cfg)                            # AdamW/SGD with the config's lr, betas, decay
+    spec = OptimSpec(("generator",), lr=2e-4, betas=(0.5, 0.999), schedule="constant", warmup_epochs=0)
+    opt = build_optimizer([model], spec)
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -8,42 +16,69 @@ from torch import nn
 from nnforge.config import EngineConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+@dataclass(frozen=True)
+class OptimSpec:
+    """One optimizer: the named modules it updates, its algorithm and hyper-parameters, and its LR schedule."""
+
+    modules: tuple[str, ...] = ("model",)
+    kind: str = "adamw"  # adamw | sgd (Nesterov)
+    lr: float = 3e-3  # peak, reached after warmup
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    momentum: float = 0.9
+    schedule: str = "onecycle"  # onecycle | cosine | constant, after warmup (engine/schedule.py)
+    warmup_epochs: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig, modules: tuple[str, ...] = ("model",), **changes) -> OptimSpec:
+        values = dict(modules=tuple(modules), kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                      betas=tuple(cfg.betas), eps=cfg.eps, momentum=cfg.momentum, schedule=cfg.schedule,
+                      warmup_epochs=cfg.warmup_epochs)
+        return cls(**{**values, **changes})
+
+
+def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
     # Decaying a norm's scale or a bias only fights the normalisation; decay matrices and kernels alone.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    params = [p for m in modules for p in m.parameters()]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: EngineConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "adamw":
+def build_optimizer(modules: nn.Module | list[nn.Module], spec: OptimSpec | EngineConfig) -> torch.optim.Optimizer:
+    modules = [modules] if isinstance(modules, nn.Module) else list(modules)
+    spec = spec if isinstance(spec, OptimSpec) else OptimSpec.from_config(spec)
+    groups = param_groups(modules, spec.weight_decay)
+    if spec.kind == "adamw":
         # On CUDA the fused kernel updates every parameter in a few launches instead of several per tensor.
-        fused = next(model.parameters()).is_cuda
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, fused=fused or None)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
-    raise ValueError(f"unknown optimizer '{cfg.optimizer}'; expected adamw or sgd")
+        fused = next(p for m in modules for p in m.parameters()).is_cuda
+        return torch.optim.AdamW(groups, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, fused=fused or None)
+    if spec.kind == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, nesterov=spec.momentum > 0)
+    raise ValueError(f"unknown optimizer '{spec.kind}'; expected adamw or sgd")
 
 
-def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors named optim.<param>.<key>, JSON for the rest) — no pickle needed to save or load it."""
+def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str = "optim.") -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors named <prefix><param>.<key>, JSON for the rest) — no pickle needed to save or load it."""
     sd = opt.state_dict()
     tensors, rest = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"optim.{pid}.{k}"] = v
+                tensors[f"{prefix}{pid}.{k}"] = v
             else:
                 rest.setdefault(str(pid), {})[k] = v
     return tensors, {"param_groups": sd["param_groups"], "state": rest}
 
 
-def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict, device) -> None:
+def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict, device, prefix: str = "optim.") -> None:
     state: dict[int, dict] = {}
     for name, v in tensors.items():
-        if name.startswith("optim."):
-            _, pid, key = name.split(".", 2)
+        if name.startswith(prefix):
+            pid, key = name[len(prefix):].split(".", 1)
+            if not pid.isdigit():
+                continue  # another optimizer's tensors (optim.<name>.<pid>...)
             state.setdefault(int(pid), {})[key] = v.to(device) if key != "step" else v
     for pid, st in meta["state"].items():
         state.setdefault(int(pid), {}).update(st)

@@ -165,7 +165,8 @@ def _summary(files: _RunFiles) -> str:
     shown = ", ".join(classes[:30]) + (f", … ({len(classes) - 30} more)" if len(classes) > 30 else "")
     run_rows = [("task", meta.get("task", cfg.get("task", "–"))),
                 ("model", meta.get("model", cfg.get("model", "–"))),
-                ("kind", meta.get("kind", "–")), ("classes", f"{len(classes)}: {shown}" if classes else "–"),
+                ("input", meta.get("input", meta.get("kind", "–"))),
+                ("classes", f"{len(classes)}: {shown}" if classes else "–"),
                 ("seed", meta.get("seed", cfg.get("seed", "–"))), ("created", meta.get("created", "–")),
                 ("run folder", str(files.path))]
     if best:
@@ -381,7 +382,8 @@ def write_report(run_dir: Path) -> Path:
                     f"{esc(type(e).__name__)}: {esc(e)}</p>"
         body.append(f'<section id="{sid}"><h2>{esc(title)}</h2>{inner}</section>')
     meta = files.meta or {}
-    sub = " · ".join(str(x) for x in (meta.get("task"), meta.get("model"), meta.get("kind")) if x)
+    sub = " · ".join(str(x) for x in (meta.get("task"), meta.get("model"), meta.get("input", meta.get("kind")))
+                     if x)
     now = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
     nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in SECTIONS)
     header = (f'<div class="wrap"><h1>Run report: {esc(run_dir.name)}</h1>'

@@ -1,5 +1,10 @@
-"""Model registry and the built-in families (import nnforge.models, then create_model / list_models)."""
+"""Model registry and the built-in models (import nnforge.models, then create_model / list_models).
 
-from nnforge.models.registry import create_model, get_entry, list_models, register_model
+Importing this package registers every built-in model; a family whose optional packages are missing registers
+nothing and says so only when one of its models is asked for.
+"""
 
-__all__ = ["create_model", "get_entry", "list_models", "register_model"]
+from nnforge.models import cnn, efficientnet_lite, text  # noqa: F401  (their @register_model decorators run)
+from nnforge.models.registry import create_model, get_entry, list_models, model_options, register_model
+
+__all__ = ["create_model", "get_entry", "list_models", "model_options", "register_model"]

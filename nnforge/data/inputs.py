@@ -1,0 +1,192 @@
+"""Input kinds: how one kind of model input is read, batched and described. The one preprocessing path for
+evaluate, predict, export and serve, whatever the task.
+
+    pre = build_input(meta["io"]["input"], run_dir)       # the run records its input spec; "kind" picks the class
+    x = pre.batch([pre.load("shoe.png")])                  # float32 (1, C, H, W), normalised as in training
+    x = pre.batch([pre.decode(png_bytes)])                 # the same from an HTTP body
+
+A kind says where its inputs come from on the command line (`expand`, `load`), in a request (`decode`, and for
+JSON bodies `json_key` and `from_json`), what a batch looks like (`batch`, `dtype`, `dynamic_axes`) and how to
+make a dummy one (`example`, `synthetic`). Kinds live here, below tasks, inference and deploy: a new family adds
+its kind with `register_input_kind` and the server, `predict` and `export` handle it without knowing the task.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from nnforge.data.imageio import MAX_PIXELS, ImageError, decode_image
+
+
+class InputError(ValueError):
+    """One input cannot be turned into a model input; the message says why (HTTP 4xx, CLI error)."""
+
+
+class InputKind:
+    """The shared part of every input kind: JSON payloads, batching by stacking, naming an input."""
+
+    name = ""
+    dtype = "float32"
+    dynamic_axes: dict[int, str] = {0: "batch"}
+    json_key = "inputs"              # a JSON request body carries {json_key: [...]}
+    body_types: tuple[str, ...] = ()  # Content-Type prefixes whose whole body is one input
+    multipart = False                # whether files of a multipart form are inputs
+
+    def expand(self, items: list[str]) -> list:
+        """Command-line arguments -> inputs."""
+        return list(items)
+
+    def load(self, item) -> np.ndarray:
+        """One input as the CLI or the Python API gives it."""
+        return self.decode(item)
+
+    def decode(self, raw) -> np.ndarray:  # pragma: no cover - every kind defines it
+        raise NotImplementedError
+
+    def from_json(self, value, where: str):
+        """One element of the JSON list -> what decode() takes."""
+        return value
+
+    def batch(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return np.stack(arrays).astype(self.dtype)
+
+    def example(self, n: int = 2) -> np.ndarray:  # pragma: no cover - every kind defines it
+        raise NotImplementedError
+
+    def synthetic(self, n: int = 16) -> list[np.ndarray]:
+        """Inputs for a parity check when the run's own data is gone."""
+        return list(self.example(n))
+
+    def describe(self, item) -> str:
+        """How an input is named in a prediction row."""
+        return item if isinstance(item, str) else "<bytes>" if isinstance(item, bytes) else "<input>"
+
+
+class ImageInput(InputKind):
+    """Encoded images (PNG, JPEG, ...) -> float32 (C, S, S), resized and normalised as the run was trained."""
+
+    name = "image"
+    json_key = "images"
+    body_types = ("image/", "application/octet-stream")
+    multipart = True
+
+    def __init__(self, spec: dict, run_dir: str | Path | None = None, max_pixels: int = MAX_PIXELS):
+        self.channels, self.size = int(spec["channels"]), int(spec["size"])
+        self.mean = np.asarray(spec["mean"], dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(spec["std"], dtype=np.float32).reshape(-1, 1, 1)
+        self.max_pixels = max_pixels
+
+    def expand(self, items: list[str]) -> list[str]:
+        """Files, and the files under folders (recursively, hidden ones left out)."""
+        out: list[str] = []
+        for item in items:
+            p = Path(item)
+            if p.is_dir():
+                out += [str(f) for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith(".")]
+            else:
+                out.append(item)
+        return out
+
+    def decode(self, raw: bytes | str) -> np.ndarray:
+        """Encoded image bytes -> float32 (C, S, S), normalised like the training data."""
+        if not isinstance(raw, bytes):
+            raise InputError("expected image bytes, got text")
+        try:
+            arr = decode_image(raw, self.channels, self.size, self.max_pixels)
+        except ImageError as err:
+            raise InputError(str(err)) from None
+        return (arr.astype(np.float32) / 255.0 - self.mean) / self.std
+
+    def load(self, item: str | Path | bytes) -> np.ndarray:
+        if isinstance(item, bytes):
+            return self.decode(item)
+        try:
+            data = Path(item).read_bytes()
+        except OSError as err:
+            raise InputError(f"{item}: unreadable ({err.strerror})") from None
+        try:
+            return self.decode(data)
+        except InputError as err:
+            raise InputError(f"{item}: {err}") from None
+
+    def from_json(self, value, where: str) -> bytes:
+        if not isinstance(value, str):
+            raise InputError(f"{where}: expected a base64 string, got {type(value).__name__}")
+        if value.startswith("data:") and "," in value:  # a data URL: data:image/png;base64,....
+            value = value.split(",", 1)[1]
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError(f"{where}: not valid base64") from None
+
+    def example(self, n: int = 2) -> np.ndarray:
+        return np.zeros((n, self.channels, self.size, self.size), dtype=np.float32)
+
+    def synthetic(self, n: int = 16) -> list[np.ndarray]:
+        # normalised pixels are roughly standard normal
+        return list(np.random.default_rng(0).standard_normal((n, self.channels, self.size, self.size))
+                    .astype(np.float32))
+
+
+class TensorInput(InputKind):
+    """Plain numbers: each input a nested list (JSON) of the spec's shape, e.g. a feature vector."""
+
+    name = "tensor"
+
+    def __init__(self, spec: dict, run_dir: str | Path | None = None):
+        self.shape = tuple(int(d) for d in spec["shape"])
+        self.dtype = str(spec.get("dtype", "float32"))
+
+    def decode(self, raw) -> np.ndarray:
+        if isinstance(raw, bytes | str):
+            try:
+                raw = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise InputError(f"expected a JSON array of shape {list(self.shape)}") from None
+        try:
+            arr = np.asarray(raw, dtype=self.dtype)
+        except (TypeError, ValueError):
+            raise InputError(f"expected numbers in an array of shape {list(self.shape)}") from None
+        if arr.shape != self.shape:
+            raise InputError(f"expected shape {list(self.shape)}, got {list(arr.shape)}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise InputError("NaN or infinite values")
+        return arr
+
+    def example(self, n: int = 2) -> np.ndarray:
+        return np.zeros((n, *self.shape), dtype=self.dtype)
+
+    def synthetic(self, n: int = 16) -> list[np.ndarray]:
+        return list(np.random.default_rng(0).standard_normal((n, *self.shape)).astype(self.dtype))
+
+
+# name -> class, or "module:Class" for kinds whose module needs an optional package (text: tokenizers)
+_KINDS: dict[str, type[InputKind] | str] = {"image": ImageInput, "tensor": TensorInput,
+                                            "text": "nnforge.data.text_input:TextInput"}
+
+
+def register_input_kind(name: str, cls: type[InputKind] | str) -> None:
+    if name in _KINDS:
+        raise ValueError(f"input kind '{name}' is registered twice")
+    _KINDS[name] = cls
+
+
+def input_kind(name: str) -> type[InputKind]:
+    if name not in _KINDS:
+        raise ValueError(f"unknown input kind {name!r} in the run's spec; known: {', '.join(sorted(_KINDS))}")
+    cls = _KINDS[name]
+    if isinstance(cls, str):
+        module, _, attr = cls.partition(":")
+        cls = _KINDS[name] = getattr(importlib.import_module(module), attr)
+    return cls
+
+
+def build_input(spec: dict, run_dir: str | Path | None = None) -> InputKind:
+    """The input kind named by spec["kind"], set up from the spec (and the run folder, e.g. its tokenizer)."""
+    return input_kind(spec.get("kind", ""))(spec, run_dir)
