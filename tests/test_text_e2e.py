@@ -85,9 +85,12 @@ def test_train_predict_export_parity(reviews, tmp_path, model):
     pred = nnforge.load(run)
     texts = ["a superb and charming film", "dull, tedious and awful", "x"]
     rows = pred.predict(texts, top_k=2)
+    probs = pred.predict_proba(texts)  # (3, 2), classes in meta order
     assert [r["input"] for r in rows] == texts
-    for r in rows:
-        assert sorted(r["labels"]) == ["neg", "pos"] and abs(sum(r["probs"]) - 1) < 1e-5
+    for r, p in zip(rows, probs, strict=True):  # each row: the labels by falling probability, with those values
+        order = np.argsort(-p, kind="stable")
+        assert r["labels"] == [meta["classes"][j] for j in order]
+        np.testing.assert_allclose(r["probs"], p[order], rtol=1e-6)
     # other batch sizes and lengths than the traced example's (2, T): the axes really are dynamic
     long = "the plot was really quite tedious and clumsy, awful"
     assert export_and_check(pred, [texts + [long] * 3, ["superb"]], tmp_path / "model.onnx") < 1e-4

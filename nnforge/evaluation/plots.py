@@ -147,8 +147,33 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[float]]:
     return cols
 
 
+TITLES = {"loss": "Loss", "acc": "Accuracy"}
+NOT_CURVES = {"epoch", "step", "epoch_time_s", "elapsed_s", "examples_per_s"}
+
+
+def curve_panels(columns: list[str]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Panels of metrics.csv: one per metric with its train_ and val_ columns side by side (loss first), then any
+    other metric, then the learning rate(s)."""
+    panels: dict[str, list[tuple[str, str]]] = {}
+    lrs = []
+    for col in columns:
+        if col in NOT_CURVES:
+            continue
+        if col == "lr" or col.startswith("lr_"):
+            lrs.append((col, col))
+            continue
+        split, _, base = col.partition("_")
+        if split in ("train", "val") and base:
+            panels.setdefault(base, []).append((col, split))
+        else:
+            panels.setdefault(col, []).append((col, col))
+    order = sorted(panels, key=lambda b: (b != "loss", b != "acc"))  # stable: otherwise as logged
+    out = [(TITLES.get(b, b), panels[b]) for b in order]
+    return out + ([("Learning rate (end of epoch)", lrs)] if lrs else [])
+
+
 def plot_training_curves(metrics_csv: str | Path, path: str | Path, best_epoch: int | None = None) -> Path:
-    """Loss (train/val), accuracy (train/val) and learning rate against epoch; absent columns leave a note."""
+    """Every logged metric against epoch (train and val side by side), then the learning rate."""
     cols = read_metrics_csv(metrics_csv)
     n = len(next(iter(cols.values()), []))
     if n == 0:
@@ -156,12 +181,12 @@ def plot_training_curves(metrics_csv: str | Path, path: str | Path, best_epoch: 
     epoch = np.array(cols.get("epoch", range(1, n + 1)), dtype=np.float64)
     if np.isnan(epoch).any():
         epoch = np.arange(1, n + 1, dtype=np.float64)
-    fig = Figure(figsize=(13, 3.8), layout="constrained")
-    axes = fig.subplots(1, 3)
+    panels = curve_panels(list(cols))
+    if not panels:
+        raise ValueError(f"{metrics_csv}: no metric columns to plot")
+    fig = Figure(figsize=(4.3 * len(panels), 3.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
     marker = "o" if n <= 40 else None
-    panels = (("Loss", (("train_loss", "train"), ("val_loss", "val"))),
-              ("Accuracy", (("train_acc", "train"), ("val_acc", "val"))),
-              ("Learning rate (end of epoch)", (("lr", "lr"),)))
     for ax, (title, series) in zip(axes, panels, strict=True):
         drawn = 0
         for col, label in series:
@@ -170,7 +195,7 @@ def plot_training_curves(metrics_csv: str | Path, path: str | Path, best_epoch: 
                 ax.plot(epoch, v, marker=marker, ms=4, lw=1.6, label=label)
                 drawn += 1
         if not drawn:
-            ax.text(0.5, 0.5, "not in metrics.csv", ha="center", va="center", transform=ax.transAxes,
+            ax.text(0.5, 0.5, "no values yet", ha="center", va="center", transform=ax.transAxes,
                     color="#59636e")
         elif len(series) > 1:
             ax.legend(fontsize=9)

@@ -1,11 +1,16 @@
 """report.html: one self-contained page a person reads to judge a run.
 
     path = write_report(Path("runs/image/exp1"))   # -> runs/image/exp1/report.html
+    add_section(run_dir, "samples", "Samples", html)   # a task's own section, kept in eval/sections.json
 
 The page reads what the run folder holds (config.yaml, meta.json, data_report.json, metrics.csv, eval/) and
 works at any stage of a run's life: a section whose files are missing says "not available yet", and a file
 that cannot be parsed is named in a warning inside its section instead of stopping the page. Pictures are
 PNGs embedded as data URIs and styles are inline, so the file can be mailed or archived on its own.
+
+Every task gets the summary, data, training curves and its eval/report.json's metrics; classifiers also get the
+confusion, calibration and worst-mistakes sections; a task adds its own sections (sample grids, episodes) with
+add_section, and they are part of every later rebuild of the page.
 """
 
 from __future__ import annotations
@@ -43,7 +48,14 @@ class _RunFiles:
     metrics: dict[str, list[float]] | None = None
     report: dict | None = None
     mistakes: dict | None = None
+    sections: list | None = None
     errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def classifier(self) -> bool:
+        """A classification run (its model outputs class probabilities), or one from before tasks recorded io."""
+        io = (self.meta or {}).get("io")
+        return io is None or io.get("output", {}).get("kind") == "probs"
 
     @property
     def eval_dir(self) -> Path:
@@ -73,6 +85,7 @@ def _read_run(run_dir: Path) -> _RunFiles:
     f.metrics = _load(f, "metrics.csv", plots.read_metrics_csv)
     f.report = _load(f, "eval/report.json", lambda p: json.loads(p.read_text(encoding="utf-8")))
     f.mistakes = _load(f, "eval/mistakes.json", lambda p: json.loads(p.read_text(encoding="utf-8")))
+    f.sections = _load(f, "eval/sections.json", lambda p: json.loads(p.read_text(encoding="utf-8")), list)
     return f
 
 
@@ -131,7 +144,8 @@ def _best(files: _RunFiles) -> tuple[str, float, int] | None:
              if not (math.isnan(v) or math.isnan(e))]
     if not pairs:
         return None
-    sign = 1.0 if monitor.endswith("loss") else -1.0  # losses are best low, accuracies high
+    mode = (files.meta or {}).get("monitor_mode") or ("min" if monitor.endswith("loss") else "max")
+    sign = 1.0 if mode == "min" else -1.0
     v, e = min(pairs, key=lambda t: (sign * t[0], t[1]))  # ties go to the earliest epoch
     return monitor, v, e
 
@@ -141,9 +155,11 @@ def _summary(files: _RunFiles) -> str:
     meta, cfg, rep = files.meta or {}, files.config or {}, files.report
     out = [_warnings(files, "meta.json", "config.yaml")]
     cards = []
-    if rep:
+    if rep and "accuracy" in rep:
         cards.append((f"{rep.get('split', 'test')} accuracy", _pct(rep["accuracy"])))
         cards.append(("macro F1", f"{rep['macro_avg']['f1']:.3f}"))
+    elif rep:
+        cards += [(f"{rep.get('split', 'test')} {k}", _num(v)) for k, v in _scalars(rep)[:3]]
     best = _best(files)
     if best:
         monitor, v, e = best
@@ -281,10 +297,16 @@ def _no_eval(files: _RunFiles) -> str:
         f"eval/report.json: not available yet (run `nnforge evaluate {files.path}`).")
 
 
+def _scalars(report: dict) -> list[tuple[str, Any]]:
+    return [(k, v) for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
 def _metrics(files: _RunFiles) -> str:
     r = files.report
     if r is None:
         return _no_eval(files)
+    if "per_class" not in r:  # another task's evaluation: its headline numbers
+        return f'<p class="muted">On the <b>{esc(r.get("split", "test"))}</b> split.</p>' + _kv(_scalars(r))
     cards = [("accuracy", _pct(r["accuracy"]))]
     cards += [(f"top-{k} accuracy", _pct(v)) for k, v in r.get("top_k_accuracy", {}).items() if k != "1"]
     cards += [("macro F1", f"{r['macro_avg']['f1']:.4f}"), ("weighted F1", f"{r['weighted_avg']['f1']:.4f}"),
@@ -365,6 +387,38 @@ BUILDERS: dict[str, tuple[Callable[[_RunFiles], str], str]] = {
 }
 
 
+def add_section(run_dir: Path, sid: str, title: str, html: str) -> None:
+    """Keep a task's own section (self-contained HTML) in RUN/eval/, listed in eval/sections.json, so every later
+    report.html includes it; a section with the same id is replaced."""
+    folder = Path(run_dir) / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    index_path = folder / "sections.json"
+    index = json.loads(index_path.read_text()) if index_path.is_file() else []
+    index = [s for s in index if s.get("id") != sid] + [{"id": sid, "title": title, "file": f"section_{sid}.html"}]
+    (folder / f"section_{sid}.html").write_text(html, encoding="utf-8")
+    index_path.write_text(json.dumps(index, indent=2))
+
+
+def _task_section(files: _RunFiles, entry: dict) -> str:
+    p = files.eval_dir / str(entry.get("file", ""))
+    if p.parent != files.eval_dir or not p.is_file():
+        return na(f"{entry.get('file')}: missing from eval/")
+    return p.read_text(encoding="utf-8")
+
+
+def _sections(files: _RunFiles) -> list[tuple[str, str, Callable[[_RunFiles], str], str]]:
+    """(id, title, builder, sources) of the sections this run gets."""
+    skip = set() if files.classifier else {"confusion", "calibration", "mistakes"}
+    if files.data is None and not files.classifier:
+        skip.add("data")  # a task that keeps no data report (an environment, generated data)
+    out = [(sid, title, *BUILDERS[sid]) for sid, title in SECTIONS if sid not in skip]
+    for e in files.sections or []:
+        if isinstance(e, dict) and e.get("id"):
+            out.append((f"task-{e['id']}", str(e.get("title", e["id"])),
+                        lambda f, e=e: _task_section(f, e), f"eval/{e.get('file')}"))
+    return out
+
+
 def write_report(run_dir: Path) -> Path:
     """Build run_dir/report.html from whatever the run folder holds; returns its path."""
     run_dir = Path(run_dir)
@@ -372,8 +426,8 @@ def write_report(run_dir: Path) -> Path:
         raise FileNotFoundError(f"{run_dir}: not a folder; expected a run folder (runs/<task>/<name>)")
     files = _read_run(run_dir)
     body = []
-    for sid, title in SECTIONS:
-        build, sources = BUILDERS[sid]
+    sections = _sections(files)
+    for sid, title, build, sources in sections:
         try:
             inner = build(files)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
@@ -385,7 +439,7 @@ def write_report(run_dir: Path) -> Path:
     sub = " · ".join(str(x) for x in (meta.get("task"), meta.get("model"), meta.get("input", meta.get("kind")))
                      if x)
     now = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
-    nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in SECTIONS)
+    nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title, _, _ in sections)
     header = (f'<div class="wrap"><h1>Run report: {esc(run_dir.name)}</h1>'
               f'<div class="sub">{esc(sub or str(run_dir))} · written {esc(now)}</div><nav>{nav}</nav></div>')
     html = _html.page(f"nnforge report: {run_dir.name}", "\n".join(body), header=header)

@@ -26,7 +26,7 @@ import torch
 
 from nnforge.config import EngineConfig, save_config
 from nnforge.engine.device import resolve_device
-from nnforge.engine.loop import Trainable, fit
+from nnforge.engine.loop import Trainable, fit, monitor_mode
 from nnforge.engine.run import Run, git_commit, versions
 from nnforge.engine.seeding import seed_everything
 
@@ -65,6 +65,7 @@ def train_run(target: str, cfg: EngineConfig, resume: str | None = None) -> Run:
     built.trainable.meta.setdefault("task", task.name)  # checkpoints describe themselves
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in built.trainable.modules.items()}
     meta = {"task": task.name, "train": target, **built.meta, **built.trainable.meta, "seed": cfg.seed,
+            "monitor": cfg.monitor, "monitor_mode": monitor_mode(cfg, built.trainable.directions),
             "parameters": sum(params.values()), "parameters_per_module": params,
             "git_commit": git_commit(Path(__file__).parent), "versions": versions(),
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "run": str(run.path)}
