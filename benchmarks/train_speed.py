@@ -1,6 +1,7 @@
 """Training speed on Fashion-MNIST as a PNG tree, side by side in one invocation.
 
     python benchmarks/train_speed.py --data data/fashion-mnist tutorial    # tutorial pipeline vs nnforge, seed_cnn
+    python benchmarks/train_speed.py --data data/fm10k whole               # whole processes, seed tutorial vs nnforge
     python benchmarks/train_speed.py --data data/fashion-mnist engine      # nnforge loop vs a hand-written loop
     python benchmarks/train_speed.py --data data/fashion-mnist recipe --seeds 0 1 2 --epochs 6
 
@@ -111,30 +112,77 @@ def nnforge_epoch(data: Path, model: str, out: Path, epochs: int = 1, seed: int 
 
 
 def cmd_tutorial(a) -> None:
+    """Training epochs side by side: the tutorial as written (DataLoader default num_workers=0), the tutorial with
+    2 workers, and nnforge's epoch (from metrics.csv), interleaved a.repeats times."""
     out = Path(tempfile.mkdtemp(prefix="nnforge-bench-"))
     train_dir = Path(a.data) / "train"
     peaks = cpu_peak_gflops()
-    net = create_model("seed_cnn", num_classes=10, in_chans=1, img_size=28)
-    fpi = flops_per_image(net, (1, 28, 28))
-    # warm the tensor cache first, so the nnforge epoch measures training, not the one-off decode
-    t0 = time.perf_counter()
+    fpi = flops_per_image(create_model("seed_cnn", num_classes=10, in_chans=1, img_size=28), (1, 28, 28))
+    t0 = time.perf_counter()  # warm the tensor cache first: the nnforge epochs measure training, not the decode
     nnforge_epoch(Path(a.data), "seed_cnn", out, epochs=1, val_split=0.0)
     cold = time.perf_counter() - t0
-    nn = nnforge_epoch(Path(a.data), "seed_cnn", out, epochs=1, val_split=0.0)
-    tut = tutorial_epoch(train_dir, a.workers)
-    nn_rate = nn["images_per_s"][0]
-    print(f"\n== tutorial pipeline vs nnforge, seed_cnn, one training epoch of {tut['images']} images ==")
-    print(f"tutorial (ImageFolder + ToTensor, batch 16): {tut['seconds']:.1f} s  ({tut['images_per_s']:.0f} img/s)")
-    print(f"nnforge  (tensor cache, batch 256, defaults): {nn['epoch_s'][0]:.1f} s  ({nn_rate:.0f} img/s); "
-          f"first run incl. checking+decoding 60k PNGs: {cold:.1f} s wall")
-    print(f"ratio (tutorial epoch / nnforge epoch): {tut['seconds'] / nn['epoch_s'][0]:.2f}x")
-    print(f"seed_cnn: {fpi / 1e6:.2f} MFLOP per image (forward+backward)")
-    print(f"achieved: tutorial {tut['images_per_s'] * fpi / 1e9:.1f} GFLOP/s, "
-          f"nnforge {nn_rate * fpi / 1e9:.1f} GFLOP/s")
-    print(f"peaks at {peaks['clock_ghz']} GHz x {peaks['cores']} cores: fp32 AVX2 FMA {peaks['fp32_avx2_fma']:.0f}, "
-          f"fp32 AVX-512 FMA {peaks['fp32_avx512_fma']:.0f}, bf16 AMX {peaks['bf16_amx']:.0f} GFLOP/s")
-    print(f"nnforge at {100 * nn_rate * fpi / 1e9 / peaks['fp32_avx2_fma']:.1f}% of the AVX2 FMA peak")
+    rates: dict[str, list[float]] = {"tutorial, 0 workers (as written)": [], "tutorial, 2 workers": [], "nnforge": []}
+    for i in range(a.repeats):
+        for name in rates:
+            if name == "nnforge":
+                rates[name].append(nnforge_epoch(Path(a.data), "seed_cnn", out, epochs=1, val_split=0.0)
+                                   ["images_per_s"][0])
+            else:
+                rates[name].append(tutorial_epoch(train_dir, 0 if "0 workers" in name else 2)["images_per_s"])
+        print(f"repeat {i + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()), flush=True)
+    print(f"\n== one training epoch of 60,000 Fashion-MNIST PNGs, seed_cnn, {a.repeats} interleaved repeats ==")
+    for name, v in rates.items():
+        print(f"{name:34s} median {statistics.median(v):6.0f} img/s  runs {[round(x) for x in v]}")
+    for name in list(rates)[:2]:
+        r = paired_summary(rates["nnforge"], rates[name])  # images/s: nnforge's over the tutorial's
+        print(f"nnforge / {name}: median of {r['pairs']} paired ratios {r['median']:.2f}x "
+              f"(range {r['min']:.2f}-{r['max']:.2f})")
+    nn_rate = statistics.median(rates["nnforge"])
+    print(f"first nnforge run incl. checking+decoding 60k PNGs into the cache: {cold:.1f} s wall")
+    print(f"seed_cnn: {fpi / 1e6:.2f} MFLOP per image (forward+backward); nnforge achieves "
+          f"{nn_rate * fpi / 1e9:.1f} GFLOP/s, {100 * nn_rate * fpi / 1e9 / peaks['fp32_avx2_fma']:.1f}% of the "
+          f"fp32 AVX2 FMA peak ({peaks['fp32_avx2_fma']:.0f} GFLOP/s at {peaks['clock_ghz']} GHz x {peaks['cores']})")
     print(f"peak RSS: benchmark process {max_rss_mb():.0f} MB, largest child {max_rss_mb(True):.0f} MB")
+
+
+def timed_process(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of one whole process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    if status:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def cmd_whole(a) -> None:
+    """Whole processes side by side on one folder: the seed tutorial's script (benchmarks/seed_tutorial.py: start-up,
+    ImageFolder, one epoch at batch 16) against `nnforge train image --model seed_cnn --epochs 1` with its defaults
+    (start-up, file checks from the cache, 10% val and 10% test carved out, one epoch, validation, checkpoints, test
+    evaluation, pictures, report.html), cache warm; interleaved pairs, alternating which goes first."""
+    out = Path(tempfile.mkdtemp(prefix="nnforge-whole-"))
+    tutorial = [sys.executable, str(ROOT / "benchmarks" / "seed_tutorial.py"), a.data]
+    ours = [sys.executable, "-m", "nnforge.cli", "train", "image", "--data", a.data, "--model", "seed_cnn",
+            "--epochs", "1", "--out", str(out)]
+    timed_process(ours)  # warm the file checks and the tensor cache
+    times: dict[str, list[float]] = {"tutorial": [], "nnforge": []}
+    rss: dict[str, list[float]] = {"tutorial": [], "nnforge": []}
+    for i in range(a.repeats):
+        for name in (("tutorial", "nnforge") if i % 2 == 0 else ("nnforge", "tutorial")):
+            wall, mb = timed_process(tutorial if name == "tutorial" else ours)
+            times[name].append(wall)
+            rss[name].append(mb)
+        print(f"pair {i + 1}: tutorial {times['tutorial'][-1]:.2f} s, nnforge {times['nnforge'][-1]:.2f} s",
+              flush=True)
+    r = paired_summary(times["tutorial"], times["nnforge"])
+    n = sum(1 for _ in Path(a.data).rglob("*.png"))
+    print(f"\n== whole process on {n} PNGs, seed_cnn, one epoch, {a.repeats} interleaved pairs ==")
+    for name in times:
+        print(f"{name:9s} median {statistics.median(times[name]):.2f} s  peak RSS {max(rss[name]):.0f} MB  "
+              f"runs {[round(t, 2) for t in times[name]]}")
+    print(f"nnforge faster by: median of paired ratios {r['median']:.2f}x (IQR {r['q1']:.2f}-{r['q3']:.2f}, "
+          f"range {r['min']:.2f}-{r['max']:.2f})")
 
 
 class _Batches:
@@ -298,8 +346,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT / "data" / "fashion-mnist"))
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("tutorial")
-    t.add_argument("--workers", type=int, default=2, help="DataLoader workers for the tutorial (it uses 2)")
+    t = sub.add_parser("tutorial", help="training epochs: the tutorial as written, with 2 workers, and nnforge")
+    t.add_argument("--repeats", type=int, default=3)
+    w = sub.add_parser("whole", help="whole processes on --data (e.g. a 10,000-image folder of class folders)")
+    w.add_argument("--repeats", type=int, default=5)
     e = sub.add_parser("engine")
     e.add_argument("--model", default="resnet_tiny")
     e.add_argument("--steps", type=int, default=60)
@@ -319,7 +369,9 @@ def main() -> None:
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}{gpu}, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.2f}")
-    {"tutorial": cmd_tutorial, "engine": cmd_engine, "recipe": cmd_recipe, "to-accuracy": cmd_to_accuracy}[a.cmd](a)
+    commands = {"tutorial": cmd_tutorial, "whole": cmd_whole, "engine": cmd_engine, "recipe": cmd_recipe,
+                "to-accuracy": cmd_to_accuracy}
+    commands[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,26 @@ def test_weights_from_another_run_and_frozen_body(trained_run, png_tree, tmp_pat
     body = [k for k in params if not k.startswith("model.head.")]
     assert body and all(torch.equal(after[k], ckpt[k]) for k in body)  # frozen: untouched by training
     assert not torch.equal(after["model.head.weight"], ckpt["model.head.weight"])  # the head trained
+    # the body expects inputs normalised as the run it came from normalised them, not with new statistics
+    src_in, new_in = (nnforge.load(r).io["input"] for r in (trained_run, run))
+    assert (new_in["mean"], new_in["std"]) == (src_in["mean"], src_in["std"])
+    assert new_in["norm"] == f"from {trained_run}"
+
+
+def test_pretrained_weights_get_the_normalisation_they_were_trained_with(png_tree, tmp_path):
+    """EfficientNet-Lite0's ImageNet weights expect [-1, 1] inputs: (x - 0.5) / 0.5, whatever the data's statistics;
+    the run records it, so predict and export feed the model the same way."""
+    run = nnforge.train("image", data=str(png_tree), model="efficientnet_lite0", pretrained=True, epochs=1,
+                        batch_size=8, workers=1, out=str(tmp_path), val_split=0.2, test_split=0.2, precision="fp32")
+    spec = run.meta["io"]["input"]
+    assert spec["norm"] == "[-1, 1]" and spec["mean"] == [0.5] and spec["std"] == [0.5]  # grayscale: one channel
+    pre = nnforge.load(run).input
+    png = next(png_tree.glob("circle/0*.png"))
+    raw = np.asarray(Image.open(png), dtype=np.float32) / 255.0
+    np.testing.assert_allclose(pre.load(str(png))[0], (raw - 0.5) / 0.5, atol=1e-6)
+    plain = nnforge.train("image", data=str(png_tree), epochs=1, batch_size=8, workers=1, out=str(tmp_path),
+                          val_split=0.2, test_split=0.2, precision="fp32")
+    assert plain.meta["io"]["input"]["norm"] == "data"  # from scratch: the training split's own statistics
 
 
 def test_large_images_stream_through_workers(tmp_path):
@@ -59,5 +79,10 @@ def test_large_images_stream_through_workers(tmp_path):
 
     report = json.loads((run / "data_report.json").read_text())
     assert report["cache"] == "stream" and report["channels"] == 3 and report["size"] == 112
-    preds = nnforge.load(run).predict([str(tmp_path / "big" / "red" / "0.jpg")], top_k=2)
-    assert sorted(preds[0]["labels"]) == ["blue", "red"] and abs(sum(preds[0]["probs"]) - 1) < 1e-5
+    files = [str(tmp_path / "big" / c / "0.jpg") for c in ("red", "blue")]
+    loaded = nnforge.load(run)
+    preds, probs = loaded.predict(files, top_k=2), loaded.predict_proba(files)
+    for row, p in zip(preds, probs, strict=True):  # labels by falling probability, with those probabilities
+        order = np.argsort(-p, kind="stable")
+        assert row["labels"] == [loaded.classes[j] for j in order]
+        np.testing.assert_allclose(row["probs"], p[order], rtol=1e-6)

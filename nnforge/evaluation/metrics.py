@@ -219,8 +219,8 @@ def write_evaluation(out_dir: Path, y_true: np.ndarray, probs: np.ndarray, class
     body = f"<section><h2>{_html.esc(title)}</h2>{_html.gallery(entries, kind)}</section>"
     (out / "misclassified.html").write_text(_html.page("Misclassified examples", body), encoding="utf-8")
 
-    plots.plot_confusion_matrix(m["confusion_matrix"], classes, out / "confusion_matrix.png")
-    plots.plot_per_class_accuracy(m["per_class_accuracy"], out / "per_class_accuracy.png",
-                                  overall=m["accuracy"])
-    plots.plot_reliability(m["reliability"], m["ece"], out / "reliability.png")
+    plots.draw_all([(plots.plot_confusion_matrix, (m["confusion_matrix"], classes, out / "confusion_matrix.png"), {}),
+                    (plots.plot_per_class_accuracy, (m["per_class_accuracy"], out / "per_class_accuracy.png"),
+                     {"overall": m["accuracy"]}),
+                    (plots.plot_reliability, (m["reliability"], m["ece"], out / "reliability.png"), {})])
     return m

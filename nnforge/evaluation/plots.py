@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+import multiprocessing
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,26 @@ def _save(fig: Figure, path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=DPI, format="png", facecolor="white")
     return path
+
+
+def _draw(job: tuple[Callable, tuple, dict]) -> Path:
+    fn, args, kwargs = job
+    return fn(*args, **kwargs)
+
+
+def draw_all(jobs: list[tuple[Callable, tuple, dict]]) -> list[Path]:
+    """Draw independent pictures, the first on a forked process while this one draws the rest (Linux).
+
+    matplotlib spends most of a picture laying out text in Python, so pictures do not overlap on threads; on two
+    cores a second process nearly halves the second or so an evaluation's pictures take. Elsewhere (no cheap fork)
+    and for a single picture, one after another here.
+    """
+    if len(jobs) < 2 or not sys.platform.startswith("linux"):
+        return [_draw(j) for j in jobs]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+        first = pool.submit(_draw, jobs[0])
+        rest = [_draw(j) for j in jobs[1:]]
+        return [first.result(), *rest]
 
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path) -> Path:
