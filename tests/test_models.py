@@ -45,6 +45,20 @@ def test_forward_backward_reaches_every_parameter(name: str, in_chans: int, side
     assert isinstance(head, torch.nn.Linear) and head.out_features == 5
 
 
+@pytest.mark.parametrize(("name", "in_chans", "side"), SHAPES)
+def test_features_are_what_the_head_reads(name: str, in_chans: int, side: int):
+    """forward_features gives the (B, D) vector the head maps to logits: what nnforge.load(run).embed returns."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=5, in_chans=in_chans, img_size=side).eval()
+    x = torch.randn(2, in_chans, side, side)
+    head = model.get_submodule(get_entry(name).head)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, head.in_features)
+        logits = head(feats) * getattr(model, "logit_scale", 1.0)
+        torch.testing.assert_close(logits, model(x))
+
+
 @pytest.mark.parametrize("side", [28, 32, 64])
 def test_seed_cnn_flatten_size_follows_the_input(side: int):
     # The tutorial's net hard-coded 64*4*4 and crashed on anything but 28x28.

@@ -304,6 +304,17 @@ def test_forward_backward_reaches_every_parameter(name):
 
 
 @pytest.mark.parametrize("name", TEXT_MODELS)
+def test_features_are_what_the_head_reads(name):
+    torch.manual_seed(0)
+    model = build(name).eval()
+    ids = random_ids(50, [5, 2])
+    with torch.no_grad():
+        feats = model.forward_features(ids)
+        assert feats.shape == (2, model.head.in_features)
+        torch.testing.assert_close(model.head(feats), model(ids))
+
+
+@pytest.mark.parametrize("name", TEXT_MODELS)
 def test_padding_does_not_change_a_texts_logits(name):
     # A text must get the same answer alone as in a batch padded for a longer neighbour: a model that lets
     # padding leak in (a backward RNN over trailing pads, an unmasked mean) fails here.

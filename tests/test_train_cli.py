@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,6 +119,12 @@ def test_layouts_split_folders_and_csv(tmp_path):
     leaks = [d for d in data.report["duplicates"] if d["leak"]]
     assert len(leaks) == 1 and {"train", "test"} == set(leaks[0]["splits"])
     assert any("leakage" in m for m in msgs)
+
+    # a dev/ folder is the validation split, as dev.csv is for texts (one rule: nnforge/data/rules.py)
+    make_png_tree(root / "dev", per_class=2, seed=2, bad_files=False)
+    data = ImageData.load(ImageTrainConfig(data=str(root), workers=1), TensorCache(tmp_path / "c"), log=msgs.append)
+    assert sum(data.report["counts"]["val"].values()) == 6 and sum(data.report["counts"]["train"].values()) == 24
+    shutil.rmtree(root / "dev")
 
     rows = ["path,label"] + [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted(root.rglob("*.png"))]
     (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
