@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+MAX_CLASSES = 1_000_000  # a run folder is data: its values are checked before anything is sized from them
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
@@ -50,7 +52,11 @@ class Probs(OutputKind):
 
     def __init__(self, spec: dict):
         super().__init__(spec)
-        self.classes = list(spec["classes"])
+        classes = spec.get("classes")
+        if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES:
+            raise ValueError(f"the run's output spec has {type(classes).__name__} classes; expected a list of 1 to "
+                             f"{MAX_CLASSES} names")
+        self.classes = [str(c) for c in classes]
 
     def finish(self, raw: np.ndarray) -> np.ndarray:
         return softmax(raw.astype(np.float32))

@@ -21,7 +21,8 @@ from conftest import builtin_models
 from nnforge.config import TextTrainConfig
 from nnforge.data.images import DataError
 from nnforge.data.inputs import InputError, build_input
-from nnforge.data.text import TextData, TokenBatches, detect_encoding, read_file, read_labelled_texts
+from nnforge.data.tables import detect_encoding
+from nnforge.data.text import TextData, TokenBatches, read_file, read_labelled_texts
 from nnforge.data.tokenizer import load_tokenizer, pad_batch, train_tokenizer
 from nnforge.models import create_model, get_entry
 from nnforge.models import text as text_models

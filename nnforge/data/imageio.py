@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +50,17 @@ def _open(data: bytes, min_size: int = 1, max_pixels: int = MAX_PIXELS) -> Image
                 raise ImageError(f"format {fmt} not allowed; expected one of {', '.join(sorted(ALLOWED_FORMATS))}")
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageError(f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels} (decompression bomb?)")
+                raise ImageError(f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels} pixels (decompression "
+                                 "bomb?); a larger limit is --max-pixels (serve)")
             img.load()  # a full decode: catches truncated and corrupt data that the header hides
         except UnidentifiedImageError:
             raise ImageError("not an image (unrecognised content)") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageError(f"decompression bomb refused: {err}") from None
+            # Pillow refuses before its header is ours to read: say it in nnforge's terms, with nnforge's limit
+            found = re.search(r"\((\d+) pixels\)", str(err))
+            size = f"{int(found.group(1))} pixels" if found else "the image"
+            raise ImageError(f"{size} is over the limit of {max_pixels} pixels (decompression bomb?); a larger "
+                             "limit is --max-pixels (serve)") from None
         except (OSError, SyntaxError, ValueError) as err:
             if isinstance(err, ImageError):
                 raise
@@ -79,9 +85,21 @@ def check_image(path: str | Path, min_size: int = 8) -> ImageCheck:
     return ImageCheck(p, True, "", digest, img.width, img.height, img.mode)
 
 
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grayscale as Pillow opens it
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image scaled to 8 bits (value / 257), where Pillow's convert("L") would clip at 255;
+    any other image as it is."""
+    if img.mode not in HIGH_BIT_MODES:
+        return img
+    arr = np.asarray(img, dtype=np.float64).clip(0, 65535)
+    return Image.fromarray((arr / 257.0).round().astype(np.uint8), "L")
+
+
 def to_array(img: Image.Image, channels: int, size: int) -> np.ndarray:
     """Image -> uint8 (C, size, size): resize the shorter side to `size`, centre-crop the longer one."""
-    img = img.convert("L" if channels == 1 else "RGB")
+    img = to_8bit(img).convert("L" if channels == 1 else "RGB")
     w, h = img.size
     if (w, h) != (size, size):
         scale = size / min(w, h)

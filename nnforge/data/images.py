@@ -11,7 +11,6 @@ DataLoader workers with torchvision transforms.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 from nnforge.config import ImageTrainConfig
 from nnforge.data.cache import TensorCache, fingerprint_files
-from nnforge.data.imageio import ImageCheck, check_image, read_image
+from nnforge.data.imageio import ImageCheck, check_image, read_image, to_8bit
 from nnforge.data.rules import (
     DataError,
     assign_splits,
@@ -32,9 +31,11 @@ from nnforge.data.rules import (
     epoch_order,
     find_duplicates,
     log_problems,
+    normalise_labels,
     split_counts,
     split_name,
 )
+from nnforge.data.tables import read_table
 from nnforge.engine.progress import Progress
 from nnforge.engine.seeding import derived_generator
 
@@ -53,56 +54,94 @@ class Sample:
 # finding files
 
 
-def _class_folder_samples(root: Path, split: str) -> list[Sample]:
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _class_folder_samples(root: Path, split: str, notes: dict) -> list[Sample]:
+    classes = sorted(p for p in root.iterdir() if not p.name.startswith(".") and _is_dir(p))
     if not classes:
         raise DataError(f"{root}: no class sub-folders; expected one folder per class holding its images")
     out = []
     for c in classes:
-        files = _files_under(c)
+        files = _files_under(c, notes)
         if not files:
             raise DataError(f"{c}: class folder '{c.name}' is empty")
         out += [Sample(f, c.name, split) for f in files]
     return out
 
 
-def _files_under(folder: Path) -> list[str]:
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except OSError:  # a link to itself (ELOOP): not a folder to list; _files_under reports it
+        return False
+
+
+def _files_under(folder: Path, notes: dict) -> list[str]:
     """Sorted absolute paths of the non-hidden files below `folder`, hidden folders skipped.
 
     os.scandir reads each entry's type from the directory itself: listing 70,000 files takes well under a second,
-    where rglob + resolve() per file took several.
+    where rglob + resolve() per file took several. Symbolic links are followed, but a folder is listed once (a link
+    back up the tree would loop forever), and links that are broken or loop on themselves are counted in
+    notes["bad_links"]; links leading out of the data folder in notes["outside_links"].
     """
-    out, stack = [], [str(folder.resolve())]
+    root = os.path.realpath(notes.get("root", folder))
+    out, stack, seen = [], [str(folder.resolve())], set()
     while stack:
-        with os.scandir(stack.pop()) as entries:
+        here = stack.pop()
+        real = os.path.realpath(here)
+        if real in seen:
+            continue
+        seen.add(real)
+        with os.scandir(here) as entries:
             for e in entries:
                 if e.name.startswith("."):
                     continue
-                if e.is_dir():
+                try:
+                    is_dir, is_file = e.is_dir(), e.is_file()
+                except OSError as err:  # ELOOP: a link that leads back to itself
+                    notes.setdefault("bad_links", []).append({"path": e.path, "reason": f"symbolic link loop "
+                                                              f"({err.strerror})"})
+                    continue
+                if e.is_symlink():
+                    target = os.path.realpath(e.path)
+                    inside = os.path.commonpath([root, target]) == root
+                    if not (is_dir or is_file):
+                        notes.setdefault("bad_links", []).append(
+                            {"path": e.path, "reason": f"broken symbolic link (its target {target} is missing)"})
+                        continue
+                    if is_dir and inside:  # a folder link back into the data: it would list images twice, or loop
+                        notes.setdefault("bad_links", []).append(
+                            {"path": e.path, "reason": f"symbolic link loop (to {target}, inside the data folder)"})
+                        continue
+                    if not inside:
+                        notes.setdefault("outside_links", []).append({"path": e.path, "target": target})
+                if is_dir:
                     stack.append(e.path)
-                elif e.is_file():
+                elif is_file:
                     out.append(e.path)
     return sorted(out)
 
 
 def _csv_samples(csv_path: Path, path_col: str, label_col: str) -> list[Sample]:
-    with csv_path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        for col in (path_col, label_col):
-            if col not in cols:
-                raise DataError(f"{csv_path}: no column '{col}'; columns are {cols} (set --path-col/--label-col)")
-        out = []
-        for line, row in enumerate(reader, start=2):
-            p, y = (row.get(path_col) or "").strip(), (row.get(label_col) or "").strip()
-            if not p or not y:
-                raise DataError(f"{csv_path}:{line}: empty '{path_col}' or '{label_col}'")
-            split = split_name(row.get("split") or "train") or "train"
-            out.append(Sample(str((csv_path.parent / p).resolve()), y, split))
+    delimiter = "\t" if csv_path.suffix.lower() == ".tsv" else ","
+    table = read_table(csv_path, delimiter, {path_col: "--path-col", label_col: "--label-col"}, label=label_col)
+    if table.skipped:  # a list of files is short and hand-made: a broken line is an error, not a skipped image
+        first = table.skipped[0]
+        raise DataError(f"{first['path']}: {first['reason']}")
+    pi, li = table.columns[path_col], table.columns[label_col]
+    split_i = table.header.index("split") if "split" in table.header else None
+    out = []
+    for line, rec in table.rows:
+        p, y = rec[pi].strip(), rec[li].strip()
+        if not p or not y:
+            raise DataError(f"{csv_path}:{line}: empty '{path_col}' or '{label_col}'")
+        split = split_name(rec[split_i] or "train") if split_i is not None else "train"
+        out.append(Sample(str((csv_path.parent / p).resolve()), y, split or "train"))
     return out
 
 
-def find_samples(data: str | Path, path_col: str = "path", label_col: str = "label") -> list[Sample]:
+def find_samples(data: str | Path, path_col: str = "path", label_col: str = "label",
+                 notes: dict | None = None) -> list[Sample]:
+    """Every image of the layout with its label and split; labels normalised (rules.normalise_label), the
+    spellings that changed counted in notes["labels_normalised"] when a dict is given."""
     root = Path(data)
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
@@ -111,13 +150,21 @@ def find_samples(data: str | Path, path_col: str = "path", label_col: str = "lab
             raise DataError(f"{root}: expected a folder of class folders or a CSV of paths and labels")
         samples = _csv_samples(root, path_col, label_col)
     else:
-        split_dirs = {split_name(p.name): p for p in root.iterdir() if p.is_dir() and split_name(p.name)}
+        notes = {} if notes is None else notes
+        notes["root"] = str(root)
+        split_dirs = {split_name(p.name): p for p in root.iterdir() if split_name(p.name) and _is_dir(p)}
         if "train" in split_dirs:  # layout (b)
-            samples = [s for split, p in split_dirs.items() for s in _class_folder_samples(p, split)]
+            samples = [s for split, p in split_dirs.items() for s in _class_folder_samples(p, split, notes)]
         else:
-            samples = _class_folder_samples(root, "train")
+            samples = _class_folder_samples(root, "train", notes)
+        notes.pop("root")
     if not samples:
         raise DataError(f"{root}: no images found")
+    labels, changed = normalise_labels([s.label for s in samples])
+    for s, y in zip(samples, labels, strict=True):
+        s.label = y
+    if notes is not None:
+        notes["labels_normalised"] = changed
     return samples
 
 
@@ -211,7 +258,7 @@ class _FileDataset(torch.utils.data.Dataset):
 
         torch.manual_seed(int(derived_generator(self.seed, self.epoch, i).initial_seed()))
         with Image.open(self.paths[i]) as img:
-            return self.augment(img.convert("L" if self.channels == 1 else "RGB")), self.labels[i]
+            return self.augment(to_8bit(img).convert("L" if self.channels == 1 else "RGB")), self.labels[i]
 
 
 class StreamBatches:
@@ -251,7 +298,8 @@ class ImageData:
     @classmethod
     def load(cls, cfg: ImageTrainConfig, cache: TensorCache, log=print) -> ImageData:
         workers = cfg.workers or os.cpu_count() or 1
-        samples = find_samples(cfg.data, cfg.path_col, cfg.label_col)
+        notes: dict = {}
+        samples = find_samples(cfg.data, cfg.path_col, cfg.label_col, notes)
         paths = [s.path for s in samples]
         fp = fingerprint_files(paths, extra=f"min_size={cfg.min_size}")
         checks = cache.get_json(f"checks-{fp}")
@@ -260,7 +308,8 @@ class ImageData:
             checks = [asdict(c) for c in check_all(paths, cfg.min_size, workers)]
             cache.put_json(f"checks-{fp}", checks)
         checks = [ImageCheck(**c) for c in checks]
-        skipped = [{"path": c.path, "reason": c.reason} for c in checks if not c.ok]
+        bad_links = notes.pop("bad_links", [])  # listed, never read: counted among the files, skipped
+        skipped = bad_links + [{"path": c.path, "reason": c.reason} for c in checks if not c.ok]
         good = [(s, c) for s, c in zip(samples, checks, strict=True) if c.ok]
         if not good:
             raise DataError(f"{cfg.data}: no usable images ({len(skipped)} files skipped; first: "
@@ -279,9 +328,10 @@ class ImageData:
         size = cfg.img_size or _common_side(checks)
         mode = cfg.cache if cfg.cache != "auto" else ("tensor" if size <= TENSOR_CACHE_MAX_SIDE else "stream")
         counts = split_counts(labels, new_splits)
-        report = {"data": str(data_root), "fingerprint": fp, "files": len(paths), "usable": len(samples),
+        report = {"data": str(data_root), "fingerprint": fp, "files": len(paths) + len(bad_links),
+                  "usable": len(samples),
                   "skipped": skipped, "duplicates": dups, "counts": counts, "channels": channels, "size": size,
-                  "cache": mode}
+                  "cache": mode, **notes}
         _print_report(report, log)
 
         tensors = row_of = None

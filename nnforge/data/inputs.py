@@ -28,6 +28,18 @@ class InputError(ValueError):
     """One input cannot be turned into a model input; the message says why (HTTP 4xx, CLI error)."""
 
 
+# A run folder is data: a value read from it is checked before anything is allocated from it.
+MAX_SIDE, MAX_TOKENS, MAX_ELEMENTS = 8192, 65536, 10_000_000
+
+
+def bounded(spec: dict, key: str, lo: int, hi: int) -> int:
+    """spec[key] as an int within [lo, hi], or a ValueError that names it (a damaged or crafted run)."""
+    value = spec.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or not lo <= value <= hi:
+        raise ValueError(f"the run's input spec has {key}={value!r}; expected a whole number from {lo} to {hi}")
+    return int(value)
+
+
 class InputKind:
     """The shared part of every input kind: JSON payloads, batching by stacking, naming an input."""
 
@@ -77,9 +89,12 @@ class ImageInput(InputKind):
     multipart = True
 
     def __init__(self, spec: dict, run_dir: str | Path | None = None, max_pixels: int = MAX_PIXELS):
-        self.channels, self.size = int(spec["channels"]), int(spec["size"])
+        self.channels, self.size = bounded(spec, "channels", 1, 4), bounded(spec, "size", 1, MAX_SIDE)
         self.mean = np.asarray(spec["mean"], dtype=np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(spec["std"], dtype=np.float32).reshape(-1, 1, 1)
+        if len(self.mean) != self.channels or len(self.std) != self.channels or not (self.std > 0).all():
+            raise ValueError(f"the run's input spec has mean {spec['mean']} and std {spec['std']}; expected "
+                             f"{self.channels} values each, std > 0")
         self.max_pixels = max_pixels
 
     def expand(self, items: list[str]) -> list[str]:
@@ -140,8 +155,15 @@ class TensorInput(InputKind):
     name = "tensor"
 
     def __init__(self, spec: dict, run_dir: str | Path | None = None):
-        self.shape = tuple(int(d) for d in spec["shape"])
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or not shape:
+            raise ValueError(f"the run's input spec has shape {shape!r}; expected a list of sizes")
+        self.shape = tuple(bounded({"size": d}, "size", 1, MAX_ELEMENTS) for d in shape)
+        if int(np.prod(self.shape)) > MAX_ELEMENTS:
+            raise ValueError(f"the run's input spec has shape {list(self.shape)}: over {MAX_ELEMENTS} values")
         self.dtype = str(spec.get("dtype", "float32"))
+        if self.dtype not in ("float32", "float64", "int64", "int32"):
+            raise ValueError(f"the run's input spec has dtype {self.dtype!r}; expected float32, int64, ...")
 
     def decode(self, raw) -> np.ndarray:
         if isinstance(raw, bytes | str):

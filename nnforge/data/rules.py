@@ -118,11 +118,18 @@ def log_problems(r: dict, log, unit: str, noun: str) -> None:
             log(f"  {s['path']}: {s['reason']}")
         if len(r["skipped"]) > 10:
             log(f"  ... and {len(r['skipped']) - 10} more")
+    outside = r.get("outside_links") or []
+    if outside:
+        log(f"note: {len(outside)} symbolic links lead out of the data folder and were followed, e.g. "
+            f"{outside[0]['path']} -> {outside[0]['target']}")
     leaks = [d for d in r["duplicates"] if d["leak"]]
     if leaks:
         log(f"WARNING: {len(leaks)} {noun} appear in more than one split (identical content: leakage), e.g.")
         for d in leaks[:5]:
             log(f"  {' == '.join(d['paths'][:3])}")
+    if r.get("labels_normalised"):
+        shown = ", ".join(f"{k} ({n} rows)" for k, n in list(r["labels_normalised"].items())[:5])
+        log(f"note: labels written as numbers were read as one class each: {shown}")
     clash = [d for d in r["duplicates"] if len(d.get("labels", [])) > 1]
     if clash:
         log(f"WARNING: {len(clash)} {noun} appear with different labels, e.g. {' / '.join(clash[0]['paths'][:3])}")
@@ -138,3 +145,26 @@ def class_weights_for(labels, num_classes: int):
 
     counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1)
     return counts.sum() / (num_classes * counts)
+
+
+def normalise_label(value) -> str:
+    """A label as text: trimmed, and an integer however it is written (1, "1", " 1 ", 1.0, "1.00", "+1") as "1",
+    so a label column that a spreadsheet or JSON wrote as floats does not split one class in two."""
+    text = str(value).strip()
+    if isinstance(value, bool):
+        return text
+    number = text.split(".", 1)
+    if number[0].lstrip("+-").isdigit() and (len(number) == 1 or set(number[1]) <= {"0"}):
+        return str(int(number[0]))
+    return text
+
+
+def normalise_labels(labels: list[str]) -> tuple[list[str], dict[str, int]]:
+    """(normalised labels, {"'1.0' -> '1'": rows} for every spelling that changed), for the data report."""
+    out, changed = [], Counter()
+    for y in labels:
+        n = normalise_label(y)
+        if n != y:
+            changed[f"'{y}' -> '{n}'"] += 1
+        out.append(n)
+    return out, dict(changed)

@@ -12,9 +12,6 @@ seeded stratified split that keeps identical texts together, so a duplicated tex
 
 from __future__ import annotations
 
-import codecs
-import csv
-import io
 import json
 import math
 import sys
@@ -33,9 +30,11 @@ from nnforge.data.rules import (
     epoch_order,
     find_duplicates,
     log_problems,
+    normalise_labels,
     split_counts,
     split_name,
 )
+from nnforge.data.tables import read_table, read_text_file
 from nnforge.data.text_input import TOKENIZER_FILE
 from nnforge.data.tokenizer import (
     configure,
@@ -63,25 +62,6 @@ class Row:
 # reading files
 
 
-def detect_encoding(raw: bytes) -> str:
-    if raw.startswith(codecs.BOM_UTF8):
-        return "utf-8-sig"
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return "utf-16"
-    try:
-        raw.decode("utf-8")
-        return "utf-8"
-    except UnicodeDecodeError:
-        pass
-    # Not UTF-8: a legacy 8-bit file. Windows-1252 is Latin-1 with printable punctuation (curly quotes, dashes)
-    # where Latin-1 has invisible control codes, so prefer it when it fits.
-    try:
-        raw.decode("cp1252")
-        return "cp1252" if any(0x80 <= b <= 0x9F for b in raw) else "latin-1"
-    except UnicodeDecodeError:
-        return "latin-1"
-
-
 def _format_of(path: Path) -> str:
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
@@ -100,43 +80,20 @@ def _check_row(text, label, where: str, split: str, rows: list[Row], skipped: li
         skipped.append({"path": where, "reason": f"text must be a string, got {type(text).__name__}"})
     elif not text.strip():
         skipped.append({"path": where, "reason": "empty text"})
+    elif "\x00" in text:
+        skipped.append({"path": where, "reason": "NUL byte in the text (binary data, or UTF-16 read as 8-bit?)"})
     else:
         rows.append(Row(text.strip(), str(label).strip(), where, split))
 
 
-def _read_delimited(path: Path, content: str, delimiter: str, text_col: str, label_col: str, split: str,
-                    rows: list[Row], skipped: list[dict]) -> None:
-    reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter)
-    try:
-        header = [h.strip() for h in next(reader)]
-    except StopIteration:
-        raise DataError(f"{path}: the file is empty; expected a header row naming the columns") from None
-    except csv.Error as err:
-        raise DataError(f"{path}:1: unreadable header row ({err})") from None
-    for col, flag in ((text_col, "--text-col"), (label_col, "--label-col")):
-        if col not in header:
-            raise DataError(f"{path}: no column '{col}'; the header has {header} (set {flag})")
-    ti, li, width = header.index(text_col), header.index(label_col), len(header)
-    sep = "tab" if delimiter == "\t" else "comma"
-    line = reader.line_num
-    while True:
-        where = f"{path}:{line + 1}"  # a quoted field may span lines: a record starts after the previous one
-        try:
-            rec = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as err:
-            skipped.append({"path": where, "reason": f"malformed row ({err})"})
-            line = reader.line_num
-            continue
-        line = reader.line_num
-        if not rec:
-            continue  # a blank line
-        if len(rec) != width:
-            hint = f" (a {sep} inside a text needs quotes)" if len(rec) > width else ""
-            skipped.append({"path": where, "reason": f"expected {width} fields, got {len(rec)}{hint}"})
-            continue
-        _check_row(rec[ti], rec[li], where, split, rows, skipped)
+def _read_delimited(path: Path, delimiter: str, text_col: str, label_col: str, split: str, rows: list[Row],
+                    skipped: list[dict]) -> str:
+    table = read_table(path, delimiter, {text_col: "--text-col", label_col: "--label-col"}, label=label_col)
+    ti, li = table.columns[text_col], table.columns[label_col]
+    for line, rec in table.rows:
+        _check_row(rec[ti], rec[li], f"{path}:{line}", split, rows, skipped)
+    skipped += table.skipped
+    return table.encoding
 
 
 def _read_jsonl(path: Path, content: str, text_col: str, label_col: str, split: str, rows: list[Row],
@@ -162,18 +119,13 @@ def _read_jsonl(path: Path, content: str, text_col: str, label_col: str, split: 
 def read_file(path: Path, text_col: str, label_col: str, split: str = "train") -> tuple[list[Row], list[dict], str]:
     """(usable rows, skipped rows with reasons, encoding) of one CSV/TSV/JSONL file."""
     fmt = _format_of(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"{path}: unreadable ({err.strerror})") from None
-    encoding = detect_encoding(raw)
-    content = raw.decode(encoding)
     rows: list[Row] = []
     skipped: list[dict] = []
     if fmt == "jsonl":
+        content, encoding = read_text_file(path)
         _read_jsonl(path, content, text_col, label_col, split, rows, skipped)
     else:
-        _read_delimited(path, content, "\t" if fmt == "tsv" else ",", text_col, label_col, split, rows, skipped)
+        encoding = _read_delimited(path, "\t" if fmt == "tsv" else ",", text_col, label_col, split, rows, skipped)
     return rows, skipped, encoding
 
 
@@ -198,13 +150,17 @@ def find_files(data: str | Path) -> list[tuple[Path, str]]:
 
 
 def read_all(files: list[tuple[Path, str]], text_col: str, label_col: str):
+    """(rows, skipped, encodings, labels_normalised) of every file."""
     rows, skipped, encodings = [], [], {}
     for path, split in files:
         r, s, enc = read_file(path, text_col, label_col, split)
         rows += r
         skipped += s
         encodings[str(path)] = enc
-    return rows, skipped, encodings
+    labels, changed = normalise_labels([r.label for r in rows])
+    for r, y in zip(rows, labels, strict=True):
+        r.label = y
+    return rows, skipped, encodings, changed
 
 
 def read_labelled_texts(path: str | Path, cfg: dict) -> list[list[str]]:
@@ -220,7 +176,7 @@ def read_labelled_texts(path: str | Path, cfg: dict) -> list[list[str]]:
             raise DataError(f"{root}: no test.csv / test.tsv / test.jsonl to evaluate on; pass the file itself")
     else:
         files = find_files(root)
-    rows, skipped, _ = read_all(files, cfg.get("text_col", "text"), cfg.get("label_col", "label"))
+    rows, skipped, _, _ = read_all(files, cfg.get("text_col", "text"), cfg.get("label_col", "label"))
     if skipped:
         print(f"skipped {len(skipped)} unusable rows of {path}, e.g. {skipped[0]['path']}: {skipped[0]['reason']}",
               file=sys.stderr)
@@ -291,7 +247,7 @@ class TextData:
         from nnforge.models.text import encoder_source
 
         files = find_files(cfg.data)
-        rows, skipped, encodings = read_all(files, cfg.text_col, cfg.label_col)
+        rows, skipped, encodings, renamed = read_all(files, cfg.text_col, cfg.label_col)
         if not rows:
             first = f"; first: {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
             raise DataError(f"{cfg.data}: no usable rows ({len(skipped)} skipped{first})")
@@ -322,7 +278,7 @@ class TextData:
         report = {"data": str(Path(cfg.data).resolve()), "files": len(files), "encoding": encodings,
                   "fingerprint": fingerprint_files([str(p) for p, _ in files],
                                                    extra=f"{cfg.text_col}\0{cfg.label_col}"),
-                  "rows": len(rows) + len(skipped), "skipped": skipped}
+                  "rows": len(rows) + len(skipped), "skipped": skipped, "labels_normalised": renamed}
         data = cls(rows, classes, tok, kind, cfg, report, encoder)
         data._finish_report(log)
         return data

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnforge.data.inputs import InputError, InputKind
+from nnforge.data.inputs import MAX_TOKENS, InputError, InputKind, bounded
 from nnforge.data.tokenizer import load_tokenizer, pad_batch
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -26,7 +26,8 @@ class TextInput(InputKind):
     def __init__(self, spec: dict, run_dir: str | Path | None):
         if run_dir is None:
             raise ValueError("a text run's preprocessor needs the run folder (its tokenizer.json lives there)")
-        self.max_len, self.pad_id = int(spec["max_len"]), int(spec.get("pad_id", 0))
+        self.max_len = bounded(spec, "max_len", 1, MAX_TOKENS)
+        self.pad_id = bounded({"pad_id": spec.get("pad_id", 0)}, "pad_id", 0, 10_000_000)
         self.tokenizer = load_tokenizer(Path(run_dir) / spec.get("tokenizer", TOKENIZER_FILE), self.max_len)
 
     def expand(self, items: list[str]) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import platform
 import re
 import subprocess
@@ -40,23 +41,73 @@ def versions() -> dict[str, str]:
     }
 
 
+LOCK_FILE = ".lock"
+
+
+class RunLocked(FileExistsError):
+    """Another live process is writing to this run folder."""
+
+
 class Run:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._tb = None
+        self._lock_fd: int | None = None
+        self.created = False  # this process made the folder (a failed start may remove it again)
 
     @classmethod
     def create(cls, out: str | Path, task: str, name: str | None = None) -> Run:
+        """A new run folder, runs/<task>/<name> (exp1, exp2, ... when no name is given), locked for this process."""
         parent = Path(out) / task
         parent.mkdir(parents=True, exist_ok=True)
+        created = True
         if name is None:
-            taken = [int(m.group(1)) for p in parent.iterdir() if (m := re.fullmatch(r"exp(\d+)", p.name))]
-            name = f"exp{max(taken, default=0) + 1}"
-        path = parent / name
-        if (path / "checkpoints").exists():
+            while True:  # mkdir is atomic: two processes picking the next number cannot both get it
+                taken = [int(m.group(1)) for p in parent.iterdir() if (m := re.fullmatch(r"exp(\d+)", p.name))]
+                path = parent / f"exp{max(taken, default=0) + 1}"
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+        else:
+            path = parent / name
+            created = not path.exists()
+            path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        run.created = created
+        run.lock()
+        if run.checkpoints.exists():
+            run.unlock()
             raise FileExistsError(f"{path} already holds a run; pick another --name or use --resume {path}")
-        path.mkdir(parents=True, exist_ok=True)
-        return cls(path)
+        return run
+
+    def lock(self) -> None:
+        """Hold the folder for this process: an advisory lock on RUN/.lock that the kernel drops when the process
+        ends, however it ends, so a crashed run never leaves it stuck. Temporary files a killed writer left are
+        removed once the lock is ours."""
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): one writer per folder is then the user's to ensure
+            return
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunLocked(f"{self.path} is being written by {holder}; wait for it to finish, or pick another "
+                            "--name") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {platform.node()}".encode())
+        self._lock_fd = fd
+        for stale in [*self.path.glob(".*.tmp"), *self.checkpoints.glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the lock
+            self._lock_fd = None
 
     # --- files -------------------------------------------------------------------------------------------
     @property

@@ -16,6 +16,7 @@ That record is all `nnforge.load`, export and the server read: they never import
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import torch
 
 from nnforge.config import EngineConfig, save_config
 from nnforge.engine.device import resolve_device
+from nnforge.engine.errors import TrainingInterrupted
 from nnforge.engine.loop import Trainable, fit, monitor_mode
 from nnforge.engine.run import Run, git_commit, versions
 from nnforge.engine.seeding import seed_everything
@@ -53,13 +55,31 @@ def log(msg: str) -> None:
 
 def train_run(target: str, cfg: EngineConfig, resume: str | None = None) -> Run:
     """Train the task behind `nnforge train <target>` with `cfg`; resume: a run folder to continue."""
-    from nnforge.evaluation.report import write_report
     from nnforge.tasks import get_task, train_target
 
     task = get_task(train_target(target)[0])
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    run = Run(resume) if resume else Run.create(cfg.out, target, cfg.name)
+    if resume:
+        run = Run(resume)
+        run.lock()
+    else:
+        run = Run.create(cfg.out, target, cfg.name)
+    try:
+        return _train(task, target, cfg, run, device, resume)
+    except TrainingInterrupted:
+        raise
+    except BaseException:
+        if run.created and not run.checkpoint("last").exists():
+            shutil.rmtree(run.path, ignore_errors=True)  # nothing was trained: leave no empty run folder behind
+        raise
+    finally:
+        run.unlock()
+
+
+def _train(task, target: str, cfg: EngineConfig, run: Run, device: torch.device, resume: str | None) -> Run:
+    from nnforge.evaluation.report import write_report
+
     log(f"run: {run.path}")
     built = task.build(cfg, run, device)
     built.trainable.meta.setdefault("task", task.name)  # checkpoints describe themselves
