@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 import types
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run")
     pr.add_argument("inputs", nargs="+", help="image files/folders, or texts (@file reads one text per line)")
     pr.add_argument("--top-k", type=int, default=3)
-    pr.add_argument("--output", help="write predictions to this .csv or .json file")
+    pr.add_argument("--output", help="write predictions to this .csv or .json file (a new file unless --force)")
+    pr.add_argument("--force", action="store_true", help="replace an existing --output file")
     pr.add_argument("--device", default="auto")
 
     ex = sub.add_parser("export", help="RUN/model.onnx with a parity check against PyTorch")
@@ -111,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("run", help="run folder (served with ONNX Runtime when it holds model.onnx)")
     sv.add_argument("--host", default=d["host"], help="any non-loopback address needs a token")
     sv.add_argument("--port", type=int, default=d["port"], help="TCP port")
-    sv.add_argument("--workers", type=int, default=d["workers"], help="server processes, each with its own model")
+    sv.add_argument("--workers", type=int, default=d["workers"],
+                    help="server processes, each with its own model; /metrics counts them all")
     sv.add_argument("--token", help="bearer token, needed on every path but /health; None: $NNFORGE_TOKEN")
+    sv.add_argument("--allow-reload", action="store_true",
+                    help="without a token, POST /v1/reload is refused (403), since anyone who can reach the port "
+                         "could swap the model; this allows it. With a token, reload needs the token")
     sv.add_argument("--backend", choices=["auto", "onnx", "torch"], default=d["backend"],
                     help="auto: ONNX Runtime when RUN/model.onnx exists, else PyTorch")
     sv.add_argument("--int8", action="store_true", help="serve RUN/model.int8.onnx")
@@ -126,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-inputs", type=int, default=d["max_inputs"], help="images or texts per request")
     sv.add_argument("--top-k", type=int, default=d["top_k"], help="labels per answer")
     sv.add_argument("--threads", type=int, default=d["threads"],
-                    help="inference threads per worker; 0: the worker's share of the cores")
+                    help="inference threads per worker; 0: the worker's share of the cores it may run on (taskset)")
     sv.add_argument("--access-log", action="store_true", help="log every request")
 
     dr = sub.add_parser("doctor", help="check data, model and recipe before a long run (PASS/WARN/FAIL)",
@@ -176,19 +182,35 @@ def _cmd_evaluate(a) -> int:
     return 0
 
 
+def _check_output(path: Path, inputs: list, force: bool) -> None:
+    """Refuse an --output that is a folder, one of the inputs, or an existing file (without --force)."""
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give a file name ending in .csv or .json")
+    if any(isinstance(i, str) and Path(i).exists() and Path(i).resolve() == path.resolve() for i in inputs):
+        raise ValueError(f"--output {path} is one of the inputs; it would be overwritten with predictions")
+    if path.exists() and not force:
+        raise FileExistsError(f"--output {path} exists; pass --force to replace it")
+    if path.suffix not in (".csv", ".json"):
+        raise ValueError(f"--output {path}: expected a .csv or .json file name")
+
+
 def _write_predictions(rows: list[dict], bad: list[dict], path: Path) -> None:
+    """CSV or JSON, written whole or not at all (a temporary file renamed into place)."""
+    from nnforge.engine.checkpoint import atomic_write_bytes
+
     if path.suffix == ".json" or any("labels" not in r for r in rows):
-        path.write_text(json.dumps({"predictions": rows, "errors": bad}, indent=2))
+        atomic_write_bytes(path, json.dumps({"predictions": rows, "errors": bad}, indent=2).encode())
         return
     k = max((len(r["labels"]) for r in rows), default=0)
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["input"] + [c for i in range(1, k + 1) for c in (f"label_{i}", f"prob_{i}")] + ["error"])
-        for r in rows:
-            w.writerow([r["input"]] + [x for lab, pr in zip(r["labels"], r["probs"], strict=True)
-                                       for x in (lab, f"{pr:.6f}")] + [""])
-        for b in bad:
-            w.writerow([b["input"]] + [""] * (2 * k) + [b["error"]])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["input"] + [c for i in range(1, k + 1) for c in (f"label_{i}", f"prob_{i}")] + ["error"])
+    for r in rows:
+        w.writerow([r["input"]] + [x for lab, pr in zip(r["labels"], r["probs"], strict=True)
+                                   for x in (lab, f"{pr:.6f}")] + [""])
+    for b in bad:
+        w.writerow([b["input"]] + [""] * (2 * k) + [b["error"]])
+    atomic_write_bytes(path, f.getvalue().encode())
 
 
 def _cmd_predict(a) -> int:
@@ -196,6 +218,8 @@ def _cmd_predict(a) -> int:
 
     loaded = api.load(a.run, device=a.device)
     inputs = loaded.input.expand(a.inputs)
+    if a.output:
+        _check_output(Path(a.output), list(a.inputs) + inputs, a.force)
     rows, bad = loaded.predict_safely(inputs, top_k=a.top_k)
     for r in rows:
         if "labels" in r:
@@ -282,8 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        # a user's mistake or the machine's (a full disk, a permission): one line, no traceback
+        if isinstance(err, KeyError) and err.args:
+            msg = err.args[0]
+        elif isinstance(err, OSError) and err.strerror:  # "[Errno 28] ..." says less than the path and the reason
+            named = err.filename and str(err.filename) not in str(err.strerror)
+            msg = f"{err.filename}: {err.strerror}" if named else err.strerror
+        else:
+            msg = err
         print(f"error: {msg}", file=sys.stderr)
         return 2
 

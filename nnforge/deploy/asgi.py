@@ -1,6 +1,6 @@
 """Pure ASGI layers in front of the FastAPI app: they answer before the app (or the body) is ever reached.
 
-    app = Metrics(BearerAuth(BodyLimit(fastapi_app, 16 * 2**20), token), registry, routes)
+    app = Metrics(BearerAuth(BodyLimit(fastapi_app, 16 * 2**20), token), ServerMetrics(), routes)
 
 Pure ASGI rather than Starlette middleware because the body limit must see the body as it streams in (a
 BaseHTTPMiddleware only sees a request once it is complete), and because what these send is final: an
@@ -13,7 +13,7 @@ import hmac
 import json
 import time
 
-from nnforge.deploy import prom
+from nnforge.deploy.prom import ServerMetrics
 
 
 async def _send_json(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
@@ -88,17 +88,11 @@ class BearerAuth:
 
 
 class Metrics:
-    """Requests by path and status, latency histogram, errors by status; scraped at /metrics."""
+    """Requests by path and status, latency histogram, errors by status, requests in flight; scraped at /metrics."""
 
-    def __init__(self, app, registry: prom.Registry, routes: tuple[str, ...]):
-        self.app, self.routes = app, routes  # other paths share one label: scanners cannot blow up the series
-        self.requests = registry.add(prom.Counter("nnforge_requests_total", "HTTP requests.", ["path", "code"]))
-        self.errors = registry.add(prom.Counter("nnforge_errors_total", "HTTP 4xx and 5xx answers.", ["code"]))
-        self.latency = registry.add(prom.Histogram("nnforge_request_duration_seconds", "Time to answer.",
-                                                   prom.LATENCY_BUCKETS, ["path"]))
-        self.in_flight = 0
-        registry.add(prom.Gauge("nnforge_requests_in_flight", "HTTP requests being received or answered.",
-                                lambda: {(): self.in_flight}))
+    def __init__(self, app, metrics: ServerMetrics, routes: tuple[str, ...]):
+        # paths outside `routes` share the label "other": a scanner's made-up paths cannot blow up the series
+        self.app, self.metrics, self.routes = app, metrics, routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -111,13 +105,14 @@ class Metrics:
                 status = message["status"]
             await send(message)
 
-        self.in_flight += 1
+        m = self.metrics
+        m.in_flight.inc()
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            self.in_flight -= 1
+            m.in_flight.dec()
             path = scope["path"] if scope["path"] in self.routes else "other"
-            self.requests.inc(path=path, code=str(status))
-            self.latency.observe(time.perf_counter() - t0, path=path)
+            m.requests.labels(path, str(status)).inc()
+            m.latency.labels(path).observe(time.perf_counter() - t0)
             if status >= 400:
-                self.errors.inc(code=str(status))
+                m.errors.labels(str(status)).inc()

@@ -30,6 +30,7 @@ class _Item:
     array: np.ndarray
     engine: object  # the Engine whose input kind made `array`; a reload may swap engines mid-queue
     future: asyncio.Future
+    queued: float  # loop.time() when it entered the queue
 
 
 def _infer(engine, arrays: list[np.ndarray]) -> np.ndarray:
@@ -38,9 +39,12 @@ def _infer(engine, arrays: list[np.ndarray]) -> np.ndarray:
 
 class MicroBatcher:
     def __init__(self, max_batch_size: int = 32, max_wait_ms: float = 2.0, max_queue: int = 256,
-                 on_batch: Callable[[int, float], None] | None = None, arriving: Callable[[], int] | None = None):
+                 on_batch: Callable[[list[float], float], None] | None = None,
+                 arriving: Callable[[], int] | None = None, on_pending: Callable[[int], None] | None = None):
         self.max_batch_size, self.max_wait, self.max_queue = max_batch_size, max_wait_ms / 1000, max_queue
-        self.on_batch = on_batch  # (batch size, seconds) after every forward pass, for metrics
+        # for metrics: after every forward pass (each input's seconds in the queue, the pass's seconds), and the
+        # new value of `pending` whenever it changes
+        self.on_batch, self.on_pending = on_batch, on_pending
         self.arriving = arriving  # requests on their way to submit(); None: always wait up to max_wait_ms
         self.pending = 0  # inputs admitted and not yet answered (queued, batching or running)
         self.requests_in = 0  # submit() calls in progress
@@ -71,17 +75,23 @@ class MicroBatcher:
             raise QueueFull(f"{self.pending} inputs waiting; the queue holds {self.max_queue}")
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in arrays]
-        self.pending += len(arrays)
+        self._add_pending(len(arrays))
         self.requests_in += 1
         try:
+            now = loop.time()
             for a, f in zip(arrays, futures, strict=True):
-                self._queue.put_nowait(_Item(a, engine, f))
+                self._queue.put_nowait(_Item(a, engine, f, now))
             return np.stack(await asyncio.gather(*futures))
         finally:
-            self.pending -= len(arrays)
+            self._add_pending(-len(arrays))
             self.requests_in -= 1
             for f in futures:
                 f.cancel()  # no-op when answered; otherwise the batcher skips the withdrawn input
+
+    def _add_pending(self, n: int) -> None:
+        self.pending += n
+        if self.on_pending:
+            self.on_pending(self.pending)
 
     async def _gather(self) -> list[_Item]:
         loop = asyncio.get_running_loop()
@@ -108,7 +118,7 @@ class MicroBatcher:
             for it in batch:  # one forward pass per engine: after a reload old and new inputs may differ in shape
                 groups.setdefault(id(it.engine), []).append(it)
             for items in groups.values():
-                t0 = time.perf_counter()
+                t0, started = time.perf_counter(), loop.time()
                 try:
                     outputs = await loop.run_in_executor(self._pool, _infer, items[0].engine,
                                                         [it.array for it in items])
@@ -118,7 +128,7 @@ class MicroBatcher:
                             it.future.set_exception(err)
                     continue
                 if self.on_batch:
-                    self.on_batch(len(items), time.perf_counter() - t0)
+                    self.on_batch([started - it.queued for it in items], time.perf_counter() - t0)
                 for it, row in zip(items, outputs, strict=True):
                     if not it.future.done():
                         it.future.set_result(row)

@@ -1,124 +1,120 @@
-"""Prometheus metrics in the text exposition format, written by hand (prometheus_client is not a dependency).
+"""The server's Prometheus metrics, one view over every worker process (prometheus_client's multiprocess mode).
 
-    requests = Counter("nnforge_requests_total", "HTTP requests.", ["path", "code"])
-    requests.inc(path="/v1/predict", code="200")
-    print(Registry([requests]).render())
+    metrics = ServerMetrics()
+    metrics.requests.labels(path="/v1/predict", code="200").inc()
+    body = metrics.render()          # what GET /metrics answers, CONTENT_TYPE
 
-Every update happens on the server's event-loop thread, so the metrics need no lock.
+With `--workers N`, serve() points PROMETHEUS_MULTIPROC_DIR at a fresh temporary folder before the workers start
+(prometheus_client chooses its storage when it is imported, so the variable must be set before that). Each worker
+then writes its values into its own memory-mapped files there, and /metrics merges the files of all workers: any
+worker answers for the whole server. Counters and histograms of a worker that died stay in its files and keep
+counting in the totals; gauges count live processes only ("live" modes, below). A gauge cannot be read by a
+callback at scrape time (the scrape happens in one worker, the value lives in another), so every gauge is set
+where its value changes. A single process keeps its values in memory, as prometheus_client does by default.
+
+Memory stays bounded: every label takes a bounded set of values (paths outside the server's routes share the
+label "other"; status codes; reload results; one model_info series per model version served).
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-from collections.abc import Callable, Iterable, Sequence
+import glob
+import os
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import values as _values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "ServerMetrics", "multiprocess_mode"]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+disable_created_metrics()  # the *_created series: one more line per series that nobody here reads
 
 
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def multiprocess_mode() -> bool:
+    """Whether this process writes its metrics to PROMETHEUS_MULTIPROC_DIR (decided when prometheus_client loaded)."""
+    return bool(getattr(_values.ValueClass, "_multiprocess", False))
 
 
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
+class ServerMetrics:
+    """Every metric nnforge serve exposes; one instance per app (the ASGI layer and the model state share it)."""
+
+    def __init__(self):
+        self.folder = os.environ.get(MULTIPROC_ENV) if multiprocess_mode() else None
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = None if self.folder else self.registry  # multiprocess: the values live in files, merged at scrape
+
+        # HTTP, recorded by asgi.Metrics for every answer
+        self.requests = Counter("nnforge_requests_total", "HTTP requests.", ["path", "code"], registry=reg)
+        self.errors = Counter("nnforge_errors_total", "HTTP 4xx and 5xx answers.", ["code"], registry=reg)
+        self.latency = Histogram("nnforge_request_duration_seconds", "Time to answer.", ["path"],
+                                 buckets=LATENCY_BUCKETS, registry=reg)
+        self.in_flight = Gauge("nnforge_requests_in_flight", "HTTP requests being received or answered.",
+                               multiprocess_mode="livesum", registry=reg)
+        # the model and its batches
+        self.batch_size = Histogram("nnforge_batch_size", "Inputs per forward pass.", buckets=BATCH_BUCKETS,
+                                    registry=reg)
+        self.inference = Histogram("nnforge_inference_seconds", "One forward pass.", buckets=LATENCY_BUCKETS,
+                                   registry=reg)
+        self.queue_wait = Histogram("nnforge_queue_wait_seconds", "From an input's arrival in the batcher's queue "
+                                    "to the start of its forward pass.", buckets=LATENCY_BUCKETS, registry=reg)
+        self.pending = Gauge("nnforge_inputs_pending", "Inputs queued or running.", multiprocess_mode="livesum",
+                             registry=reg)
+        self.reloads = Counter("nnforge_reloads_total", "Model reloads.", ["result"], registry=reg)
+        # livemin: 1 only when every live worker serves a model
+        self.ready = Gauge("nnforge_ready", "1 once a model is loaded and warmed.", multiprocess_mode="livemin",
+                           registry=reg)
+        # livemax: 1 for each version some worker serves (briefly two while the workers follow a reload)
+        self.model_info = Gauge("nnforge_model_info", "The model being served.", ["name", "version", "backend"],
+                                multiprocess_mode="livemax", registry=reg)
+        # where a request's time goes besides the model: the process stopped for the garbage collector, and the
+        # event loop busy with other requests (how late a timer fires)
+        self.gc_pause = Histogram("nnforge_gc_pause_seconds", "Garbage-collector pauses, by generation.",
+                                  ["generation"], buckets=PAUSE_BUCKETS, registry=reg)
+        self.loop_lag = Histogram("nnforge_event_loop_lag_seconds", "How late the event loop runs a timer.",
+                                  buckets=PAUSE_BUCKETS, registry=reg)
+        self._model: tuple[str, str, str] | None = None
+
+    def serving(self, name: str, version: str, backend: str) -> None:
+        """The model now answering: its model_info series 1, the previous one's 0 (a file cannot drop a series)."""
+        if self._model and self._model != (name, version, backend):
+            self.model_info.labels(*self._model).set(0)
+        self._model = (name, version, backend)
+        self.model_info.labels(*self._model).set(1)
+        self.ready.set(1)
+
+    def render(self) -> bytes:
+        if not self.folder:
+            return generate_latest(self.registry)
+        _forget_dead_processes(self.folder)
+        registry = CollectorRegistry(auto_describe=True)
+        MultiProcessCollector(registry, self.folder)
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """At a clean exit: this process's gauges leave the sums (its counters stay)."""
+        if self.folder:
+            mark_process_dead(os.getpid(), self.folder)
 
 
-def _num(v: float) -> str:
-    if math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v)) if not float(v).is_integer() else str(int(v))
+def _forget_dead_processes(folder: str) -> None:
+    """Drop the gauges of workers that died without closing (killed): uvicorn restarts them under new pids."""
+    pids = {os.path.basename(f).rsplit("_", 1)[-1][:-3] for f in glob.glob(os.path.join(folder, "gauge_live*_*.db"))}
+    for pid in pids:
+        if pid.isdigit() and not _alive(int(pid)):
+            mark_process_dead(int(pid), folder)
 
 
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help: str, labels: Sequence[str] = ()):
-        self.name, self.help, self.label_names = name, help, tuple(labels)
-
-    def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
-        if set(labels) != set(self.label_names):
-            raise ValueError(f"{self.name}: labels {sorted(labels)} given, {list(self.label_names)} expected")
-        return tuple(str(labels[n]) for n in self.label_names)
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help: str, labels: Sequence[str] = ()):
-        super().__init__(name, help, labels)
-        self.values: dict[tuple[str, ...], float] = {}
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = self._key(labels)
-        self.values[key] = self.values.get(key, 0.0) + amount
-
-    def lines(self) -> list[str]:
-        return [f"{self.name}{_labels(self.label_names, k)} {_num(v)}" for k, v in sorted(self.values.items())]
-
-
-class Gauge(_Metric):
-    """A value read when scraped (queue depth, model info), from a function returning {label values: value}."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, help: str, read: Callable[[], dict[tuple[str, ...], float]],
-                 labels: Sequence[str] = ()):
-        super().__init__(name, help, labels)
-        self.read = read
-
-    def lines(self) -> list[str]:
-        return [f"{self.name}{_labels(self.label_names, k)} {_num(v)}" for k, v in sorted(self.read().items())]
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, help: str, buckets: Iterable[float], labels: Sequence[str] = ()):
-        super().__init__(name, help, labels)
-        self.bounds = sorted(float(b) for b in buckets)
-        self.series: dict[tuple[str, ...], list] = {}  # key -> [per-bucket counts (+Inf last), sum, count]
-
-    def observe(self, value: float, **labels: str) -> None:
-        key = self._key(labels)
-        s = self.series.setdefault(key, [[0] * (len(self.bounds) + 1), 0.0, 0])
-        s[0][bisect.bisect_left(self.bounds, value)] += 1  # le is inclusive: value == bound goes in that bucket
-        s[1] += value
-        s[2] += 1
-
-    def lines(self) -> list[str]:
-        out = []
-        for key, (counts, total, n) in sorted(self.series.items()):
-            cum = 0
-            for bound, c in zip([*self.bounds, math.inf], counts, strict=True):
-                cum += c
-                le = 'le="' + _num(bound) + '"'
-                out.append(f"{self.name}_bucket{_labels(self.label_names, key, le)} {cum}")
-            out.append(f"{self.name}_sum{_labels(self.label_names, key)} {_num(total)}")
-            out.append(f"{self.name}_count{_labels(self.label_names, key)} {n}")
-        return out
-
-
-class Registry:
-    def __init__(self, metrics: Iterable[_Metric] = ()):
-        self.metrics = list(metrics)
-
-    def add(self, metric: _Metric) -> _Metric:
-        self.metrics.append(metric)
-        return metric
-
-    def render(self) -> str:
-        lines = []
-        for m in self.metrics:
-            lines += m.header() + m.lines()
-        return "\n".join(lines) + "\n"
-
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process under a reused pid: not ours, but leave its files be
+        return True
+    return True

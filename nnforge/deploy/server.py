@@ -1,11 +1,16 @@
 """The HTTP server: FastAPI + uvicorn, micro-batched, with limits that turn every bad request into a 4xx.
 
-    nnforge serve runs/image/exp1 [--host 127.0.0.1] [--port 8000] [--workers N] [--token T]
+    nnforge serve runs/image/exp1 [--host 127.0.0.1] [--port 8000] [--workers N] [--token T] [--allow-reload]
     curl -F file=@shoe.png http://127.0.0.1:8000/v1/predict
 
 Endpoints: POST /v1/predict (images as multipart files, JSON {"images": [base64, ...]} or one raw image body;
 texts as JSON {"texts": [...]}), GET /health (alive, never needs the token), GET /ready (503 until the model is
-loaded and warmed), GET /metrics (Prometheus), GET /v1/model, POST /v1/reload, GET /docs (OpenAPI).
+loaded and warmed), GET /metrics (Prometheus, summed over all workers: prom.py), GET /v1/model, POST /v1/reload,
+GET /docs (OpenAPI).
+
+POST /v1/reload swaps the served model, so it is guarded: with a token it needs the token like every other path;
+without one it is refused (403) unless the server was started with --allow-reload (ServeSettings.allow_reload),
+because on a server without a token anyone who can reach the port could replace the model.
 
 Requests pass three pure ASGI layers (asgi.py) before FastAPI: metrics (outermost, so it sees every status), the
 bearer token, and the body limit, which refuses a too-large Content-Length before reading any of the body and
@@ -17,12 +22,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib.util
 import json
 import logging
 import math
 import os
 import signal
 import tempfile
+import time
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -35,11 +43,11 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from nnforge.data.inputs import InputError, InputKind
-from nnforge.deploy import prom
 from nnforge.deploy.apidocs import api_reference_html
 from nnforge.deploy.asgi import BearerAuth, BodyLimit, Metrics
 from nnforge.deploy.batching import MicroBatcher, QueueFull
 from nnforge.deploy.engine import Engine, load_engine
+from nnforge.deploy.prom import CONTENT_TYPE, MULTIPROC_ENV, ServerMetrics, multiprocess_mode
 from nnforge.deploy.settings import ServeSettings, default_threads
 
 log = logging.getLogger("nnforge.serve")
@@ -47,6 +55,8 @@ SETTINGS_ENV = "NNFORGE_SERVE_SETTINGS"  # how `--workers N` hands the settings 
 # Inputs this small decode in well under a millisecond, cheaper than a hop to a thread; bigger ones (a photo can take
 # 50 ms) decode on a thread, so that one large upload never stalls the event loop and everyone else's requests.
 INLINE_DECODE_BYTES = 64 * 1024
+RELOAD_OFF = ("reloading is off: this server has no token, so anyone who can reach it could swap the model; "
+              "restart it with --token (reloads then need the token) or with --allow-reload")
 ROUTES = ("/v1/predict", "/v1/reload", "/v1/model", "/health", "/ready", "/metrics", "/docs", "/openapi.json")
 
 
@@ -169,28 +179,25 @@ class _State:
         self.error: str | None = None
         self.generation = 0  # reloads seen, shared between workers through settings.sync_file
         self.reload_lock = asyncio.Lock()
-        self.registry = prom.Registry()
-        self.batch_size = self.registry.add(prom.Histogram("nnforge_batch_size", "Inputs per forward pass.",
-                                                           prom.BATCH_BUCKETS))
-        self.infer_s = self.registry.add(prom.Histogram("nnforge_inference_seconds", "One forward pass.",
-                                                        prom.LATENCY_BUCKETS))
-        self.reloads = self.registry.add(prom.Counter("nnforge_reloads_total", "Model reloads.", ["result"]))
+        self.metrics = m = ServerMetrics()
+        m.ready.set(0)
+        m.pending.set(0)
         self.predicting = 0  # /v1/predict requests being handled
         self.batcher = MicroBatcher(settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
-                                    on_batch=self._on_batch,
+                                    on_batch=self._on_batch, on_pending=m.pending.set,
                                     arriving=lambda: self.predicting - self.batcher.requests_in)
-        self.registry.add(prom.Gauge("nnforge_inputs_pending", "Inputs queued or running.",
-                                     lambda: {(): self.batcher.pending}))
-        self.registry.add(prom.Gauge("nnforge_ready", "1 once a model is loaded and warmed.",
-                                     lambda: {(): float(self.engine is not None)}))
-        self.registry.add(prom.Gauge(
-            "nnforge_model_info", "The model being served.",
-            lambda: {(e.name, e.version, e.backend): 1.0} if (e := self.engine) else {},
-            ["name", "version", "backend"]))
 
-    def _on_batch(self, n: int, seconds: float) -> None:
-        self.batch_size.observe(n)
-        self.infer_s.observe(seconds)
+    def _on_batch(self, waits: list[float], seconds: float) -> None:
+        m = self.metrics
+        m.batch_size.observe(len(waits))
+        m.inference.observe(seconds)
+        for w in waits:
+            m.queue_wait.observe(w)
+
+    def use(self, engine: Engine) -> None:
+        """Answer from `engine` from now on: one reference swap, each request already holds the engine it began with."""
+        self.engine = engine
+        self.metrics.serving(engine.name, engine.version, engine.backend)
 
     def load(self, run: str, backend: str) -> Engine:
         """Load and warm a model (on a worker thread); nothing is served from it until it is complete."""
@@ -212,6 +219,41 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
+class _GcWatch:
+    """Garbage-collector pauses as they happen, for _watch_pauses to record.
+
+    The callback runs inside the collector, on whichever thread happened to allocate, possibly while that thread
+    holds the metrics' lock: it only appends to a bounded deque, and the event loop records them later.
+    """
+
+    def __init__(self):
+        self.pauses: deque[tuple[int, float]] = deque(maxlen=10_000)  # (generation, seconds)
+        self._started = 0.0
+        gc.callbacks.append(self.callback)
+
+    def callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._started))
+
+    def close(self) -> None:
+        gc.callbacks.remove(self.callback)
+
+
+async def _watch_pauses(metrics: ServerMetrics, gc_watch: _GcWatch, every_s: float = 0.1) -> None:
+    """Every `every_s`: how late the event loop woke up (every request waiting on the loop was as late), and the
+    collector's pauses since the last time."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t = loop.time()
+        await asyncio.sleep(every_s)
+        metrics.loop_lag.observe(max(0.0, loop.time() - t - every_s))
+        while gc_watch.pauses:
+            generation, seconds = gc_watch.pauses.popleft()
+            metrics.gc_pause.labels(str(generation)).observe(seconds)
+
+
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
@@ -226,7 +268,7 @@ def create_app(settings: ServeSettings, on_fatal=None):
 
     async def first_load():
         try:
-            state.engine = await asyncio.to_thread(state.load, settings.run, settings.backend)
+            state.use(await asyncio.to_thread(state.load, settings.run, settings.backend))
         except Exception as err:  # anything a broken run folder raises: reported, never served
             state.error = f"{type(err).__name__}: {err}"
             log.error("could not load %s: %s", settings.run, state.error)
@@ -241,13 +283,16 @@ def create_app(settings: ServeSettings, on_fatal=None):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await state.batcher.start()
-        tasks = [asyncio.create_task(first_load())]
+        gc_watch = _GcWatch()
+        tasks = [asyncio.create_task(first_load()), asyncio.create_task(_watch_pauses(state.metrics, gc_watch))]
         if settings.sync_file:
             tasks.append(asyncio.create_task(_follow_reloads(state)))
         yield
         for t in tasks:
             t.cancel()
+        gc_watch.close()
         await state.batcher.stop()
+        state.metrics.close()
 
     app = FastAPI(title="nnforge", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Predictions from an nnforge run. Every endpoint but /health needs the bearer "
@@ -271,7 +316,7 @@ def create_app(settings: ServeSettings, on_fatal=None):
 
     @app.get("/metrics", summary="Prometheus metrics (text format)")
     async def metrics():
-        return Response(state.registry.render(), media_type=prom.CONTENT_TYPE)
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/model", summary="Name, version, classes and input spec of the served model")
     async def model():
@@ -318,9 +363,12 @@ def create_app(settings: ServeSettings, on_fatal=None):
                              "predictions": preds})
 
     @app.post("/v1/reload", summary="Load a model fully, warm it, then swap it in atomically",
-              responses={409: {"description": "a reload is already running"},
+              responses={403: {"description": "no token and no --allow-reload: reloading is off"},
+                         409: {"description": "a reload is already running"},
                          422: {"description": "the new model failed to load; the old one keeps serving"}})
     async def reload(req: ReloadRequest | None = None):
+        if not settings.token and not settings.allow_reload:  # with a token, BearerAuth has checked it already
+            return _error(403, RELOAD_OFF)
         req = req or ReloadRequest()
         if state.reload_lock.locked():
             return _error(409, "a reload is already running; try again when it has finished")
@@ -330,11 +378,11 @@ def create_app(settings: ServeSettings, on_fatal=None):
             try:
                 new = await asyncio.to_thread(state.load, run, req.backend or settings.backend)
             except Exception as err:  # a bad folder must not take the server down
-                state.reloads.inc(result="failed")
+                state.metrics.reloads.labels("failed").inc()
                 still = f"still serving version {old.version}" if old else "no model is being served"
                 return _error(422, f"reload of {run} failed ({type(err).__name__}: {err}); {still}")
-            state.engine = new  # one reference swap: each request already holds the engine it started with
-            state.reloads.inc(result="ok")
+            state.use(new)
+            state.metrics.reloads.labels("ok").inc()
             _announce_reload(state, run, req.backend or settings.backend)
         _freeze_heap()
         log.info("reloaded: %s %s version %s (was %s) in %.2fs", new.name, new.backend, new.version,
@@ -344,7 +392,7 @@ def create_app(settings: ServeSettings, on_fatal=None):
 
     # outermost first: metrics see every answer, auth runs before anything reads the body
     limited = BodyLimit(app, int(settings.max_body_mb * 2**20))
-    return Metrics(BearerAuth(limited, settings.token), state.registry, ROUTES)
+    return Metrics(BearerAuth(limited, settings.token), state.metrics, ROUTES)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -384,8 +432,9 @@ async def _follow_reloads(state: _State, every_s: float = 0.5) -> None:
                 log.error("following a reload of %s failed: %s", news.get("run"), err)
                 state.generation = news["generation"]  # do not retry a broken folder every half second
                 continue
-            state.engine, state.generation = new, news["generation"]
-            state.reloads.inc(result="ok")
+            state.use(new)
+            state.generation = news["generation"]
+            state.metrics.reloads.labels("ok").inc()
             log.info("followed a reload: %s version %s", new.name, new.version)
         _freeze_heap()
 
@@ -394,6 +443,9 @@ def app_from_env():
     """uvicorn factory for `--workers N`: each worker process builds its app from the settings in the env."""
     settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
     _configure_logging()
+    if not multiprocess_mode():
+        raise RuntimeError(f"{MULTIPROC_ENV} was not set when prometheus_client was imported: /metrics of one "
+                           "worker would not count the others")
     return create_app(settings)
 
 
@@ -410,6 +462,16 @@ def _configure_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
+def _say_event_loop() -> None:
+    """uvicorn takes uvloop and httptools when they are installed (the deploy extra): the event loop, which parses
+    every request, then spends about a tenth less CPU on each (benchmarks/serving.py, 32 clients, one core)."""
+    fallback = {"uvloop": "asyncio's event loop", "httptools": "h11's pure-Python HTTP parser"}
+    missing = [m for m in fallback if importlib.util.find_spec(m) is None]
+    if missing:
+        log.warning("serving with %s: `pip install %s` (in nnforge's deploy extra) for more requests per core",
+                    " and ".join(fallback[m] for m in missing), " ".join(missing))
+
+
 def serve(settings: ServeSettings) -> None:
     """Run the server until SIGTERM/SIGINT; requests in flight are answered before it exits."""
     import uvicorn
@@ -419,6 +481,7 @@ def serve(settings: ServeSettings) -> None:
     if not ((run / "model.onnx").is_file() or (run / "checkpoints" / "best.safetensors").is_file()):
         raise FileNotFoundError(f"{run}: neither model.onnx nor checkpoints/best.safetensors; is it a run folder?")
     _configure_logging()
+    _say_event_loop()
     if settings.token and len(settings.token) < 16:
         log.warning("the bearer token is shorter than 16 characters; anyone who can reach the port may guess it")
     common = dict(host=settings.host, port=settings.port, access_log=settings.access_log, log_level="info",
@@ -428,8 +491,20 @@ def serve(settings: ServeSettings) -> None:
     if settings.workers > 1:
         with tempfile.TemporaryDirectory(prefix="nnforge-serve-") as tmp:
             settings.sync_file = str(Path(tmp) / "reload.json")
-            os.environ[SETTINGS_ENV] = json.dumps(asdict(settings))
-            uvicorn.run("nnforge.deploy.server:app_from_env", factory=True, workers=settings.workers, **common)
+            metrics_dir = Path(tmp) / "metrics"  # each worker's metric files; /metrics merges them (prom.py)
+            metrics_dir.mkdir()
+            # the workers inherit both; prometheus_client reads its variable when a worker imports it
+            env = {SETTINGS_ENV: json.dumps(asdict(settings)), MULTIPROC_ENV: str(metrics_dir)}
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                uvicorn.run("nnforge.deploy.server:app_from_env", factory=True, workers=settings.workers, **common)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         return
     failure: list[str] = []
 

@@ -17,6 +17,7 @@ class ServeSettings:
     port: int = 8000
     workers: int = 1
     token: str | None = None          # bearer token; required when host is not a loopback address
+    allow_reload: bool = False        # POST /v1/reload without a token (with one, the token guards it)
     backend: str = "auto"             # auto: ONNX Runtime when RUN/model.onnx exists, else PyTorch
     int8: bool = False                # serve RUN/model.int8.onnx
     device: str = "auto"              # PyTorch backend only
@@ -62,6 +63,11 @@ def serve_defaults() -> dict:
 
 
 def default_threads(workers: int, cores: int | None = None) -> int:
-    """Inference threads per worker: its share of the cores, so that several workers do not oversubscribe them."""
-    cores = cores or os.cpu_count() or 1
+    """Inference threads per worker: its share of the cores, so that several workers do not oversubscribe them.
+
+    The cores are those this process may run on (taskset, a container's cpuset), not all the machine has: two
+    threads pinned to one core would only take turns.
+    """
+    if not cores:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // workers)
