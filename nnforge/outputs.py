@@ -25,6 +25,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class OutputKind:
     name = ""
     options: dict = {}  # answer options and their defaults (the server's query parameters)
+    response_key = "predictions"  # where the server's JSON answer lists the rows
 
     def __init__(self, spec: dict):
         self.spec = spec

@@ -249,6 +249,8 @@ def test_the_server_serves_a_task_it_does_not_know(tmp_path):
         np.testing.assert_allclose(r.json()["predictions"][0]["output"], expected[0], rtol=1e-5)
         bad = httpx.post(url + "/v1/predict", json={"inputs": [[1, 2]]})
         assert bad.status_code == 400 and "expected shape [4]" in bad.json()["detail"]
+        other = httpx.post(url + "/v1/generate", json={"n": 1})  # every verb has a route; a run answers its own
+        assert other.status_code == 404 and "answers POST /v1/predict" in other.json()["detail"]
         info = httpx.get(url + "/v1/model").json()
         assert info["output"] == {"kind": "tensor"} and info["preprocessing"]["kind"] == "tensor"
     finally:

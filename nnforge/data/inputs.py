@@ -28,6 +28,10 @@ class InputError(ValueError):
     """One input cannot be turned into a model input; the message says why (HTTP 4xx, CLI error)."""
 
 
+class TooManyInputs(InputError):
+    """A request carries more inputs than the server takes (HTTP 413)."""
+
+
 # A run folder is data: a value read from it is checked before anything is allocated from it.
 MAX_SIDE, MAX_TOKENS, MAX_ELEMENTS = 8192, 65536, 10_000_000
 
@@ -64,6 +68,20 @@ class InputKind:
     def from_json(self, value, where: str):
         """One element of the JSON list -> what decode() takes."""
         return value
+
+    def read_json(self, data, max_inputs: int) -> list[tuple[str, object]]:
+        """A JSON request body -> (name, raw input) pairs. By default {json_key: [input, ...]}; a kind whose
+        requests read otherwise (a generator's {"n": 8, "seed": 7}, a policy's {"observation": [...]}) overrides
+        this. InputError for a body that does not fit, TooManyInputs beyond max_inputs."""
+        key = self.json_key
+        if not isinstance(data, dict) or key not in data:
+            raise InputError(f"expected a JSON object with a \"{key}\" list; this run takes {self.name} inputs")
+        values = data[key]
+        if not isinstance(values, list) or not values:
+            raise InputError(f"\"{key}\" must be a non-empty list")
+        if len(values) > max_inputs:
+            raise TooManyInputs(f"{len(values)} inputs in one request; the limit is {max_inputs}")
+        return [(f"{key}[{i}]", self.from_json(v, f"{key}[{i}]")) for i, v in enumerate(values)]
 
     def batch(self, arrays: list[np.ndarray]) -> np.ndarray:
         return np.stack(arrays).astype(self.dtype)

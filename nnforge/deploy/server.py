@@ -42,7 +42,7 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
-from nnforge.data.inputs import InputError, InputKind
+from nnforge.data.inputs import InputError, InputKind, TooManyInputs
 from nnforge.deploy.apidocs import api_reference_html
 from nnforge.deploy.asgi import BearerAuth, BodyLimit, Metrics
 from nnforge.deploy.batching import MicroBatcher, QueueFull
@@ -57,7 +57,12 @@ SETTINGS_ENV = "NNFORGE_SERVE_SETTINGS"  # how `--workers N` hands the settings 
 INLINE_DECODE_BYTES = 64 * 1024
 RELOAD_OFF = ("reloading is off: this server has no token, so anyone who can reach it could swap the model; "
               "restart it with --token (reloads then need the token) or with --allow-reload")
-ROUTES = ("/v1/predict", "/v1/reload", "/v1/model", "/health", "/ready", "/metrics", "/docs", "/openapi.json")
+# The verbs a run may answer (its io "verb"): one route each, the same handler; a run answers its own verb only.
+VERBS = {"predict": "Answers for one or more inputs (classifiers: top-k labels with probabilities)",
+         "generate": "New samples from a generator", "act": "A policy's action for an observation",
+         "recommend": "Ranked items for a user or a history"}
+ROUTES = (*(f"/v1/{v}" for v in VERBS), "/v1/reload", "/v1/model", "/health", "/ready", "/metrics", "/docs",
+          "/openapi.json")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,15 +101,10 @@ async def read_inputs(request: Request, pre: InputKind, max_inputs: int) -> list
             raise Reject(400, f"body is not valid JSON ({err})") from None
         except RecursionError:
             raise Reject(400, "body is JSON nested too deeply") from None
-        if not isinstance(data, dict) or key not in data:
-            raise Reject(400, f"expected a JSON object with a \"{key}\" list; this run takes {pre.name} inputs")
-        values = data[key]
-        if not isinstance(values, list) or not values:
-            raise Reject(400, f"\"{key}\" must be a non-empty list")
-        if len(values) > max_inputs:
-            raise Reject(413, f"{len(values)} inputs in one request; the limit is {max_inputs}")
         try:
-            items = [(f"{key}[{i}]", pre.from_json(v, f"{key}[{i}]")) for i, v in enumerate(values)]
+            items = pre.read_json(data, max_inputs)
+        except TooManyInputs as err:
+            raise Reject(413, str(err)) from None
         except InputError as err:
             raise Reject(400, str(err)) from None
     elif any(ctype.startswith(t) if t.endswith("/") else ctype == t for t in pre.body_types):
@@ -170,6 +170,9 @@ _PREDICT_BODY = {"requestBody": {"required": True, "content": {
         "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
         "texts": {"type": "array", "items": {"type": "string"}}}}},
     "image/png": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+_JSON_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
 class _State:
@@ -326,26 +329,21 @@ def create_app(settings: ServeSettings, on_fatal=None):
         return state.engine.describe() | {"worker_pid": os.getpid(), "reloads": state.generation,
                                           "limits": {k: getattr(settings, k) for k in limits}}
 
-    @app.post("/v1/predict", summary="Top-k labels with probabilities for one or more inputs",
-              openapi_extra=_PREDICT_BODY, responses={
-                  200: {"model": PredictResponse}, 400: {"description": "an input that cannot be read"},
-                  413: {"description": "body, input count or image too large"},
-                  415: {"description": "unaccepted Content-Type"},
-                  503: {"description": "not ready, or the queue is full (see Retry-After)"},
-                  504: {"description": "no answer within the request timeout"}})
-    async def predict(request: Request, top_k: int | None = Query(None, ge=1, le=1000)):
+    async def answer(verb: str, request: Request, top_k: int | None):
         engine = state.engine  # one engine per request, even if a reload swaps it meanwhile
         if engine is None:
             return _error(503, state.error or "loading the model", {"Retry-After": "1"})
+        if engine.verb != verb:
+            return _error(404, f"this run answers POST /v1/{engine.verb}, not /v1/{verb}")
         state.predicting += 1
         try:
             async with asyncio.timeout(settings.timeout_s):
                 items = await read_inputs(request, engine.input, settings.max_inputs)
-                if sum(len(raw) for _, raw in items) > INLINE_DECODE_BYTES:
+                if sum(len(raw) for _, raw in items if isinstance(raw, bytes | str)) > INLINE_DECODE_BYTES:
                     arrays = await asyncio.to_thread(preprocess, engine, items)
                 else:
                     arrays = preprocess(engine, items)
-                logits = await state.batcher.submit(engine, arrays)
+                outputs = await state.batcher.submit(engine, arrays)
         except Reject as r:
             return _error(r.status, r.detail, r.headers)
         except QueueFull as err:
@@ -356,11 +354,31 @@ def create_app(settings: ServeSettings, on_fatal=None):
             return _error(400, "the client went away before sending the whole body")
         finally:
             state.predicting -= 1
-        preds = engine.output.rows([name for name, _ in items], engine.output.finish(logits),
-                                   top_k=top_k or settings.top_k)
+        rows = engine.output.rows([name for name, _ in items], engine.output.finish(outputs),
+                                  top_k=top_k or settings.top_k)
         # a JSONResponse as is: FastAPI's encoder would walk every float again (a fifth of a small request's cost)
         return JSONResponse({"model": engine.name, "version": engine.version, "backend": engine.backend,
-                             "predictions": preds})
+                             engine.output.response_key: rows})
+
+    answers = {200: {"description": "one answer per input, under the output kind's key (predictions, ...)"},
+               400: {"description": "an input that cannot be read"},
+               404: {"description": "the run answers another verb"},
+               413: {"description": "body, input count or image too large"},
+               415: {"description": "unaccepted Content-Type"},
+               503: {"description": "not ready, or the queue is full (see Retry-After)"},
+               504: {"description": "no answer within the request timeout"}}
+
+    def route(verb: str):
+        async def handler(request: Request, top_k: int | None = Query(None, ge=1, le=1000)):
+            return await answer(verb, request, top_k)
+
+        extra = _PREDICT_BODY if verb == "predict" else _JSON_BODY
+        responses = {**answers, 200: {"model": PredictResponse}} if verb == "predict" else answers
+        app.post(f"/v1/{verb}", summary=VERBS[verb], openapi_extra=extra, responses=responses,
+                 name=verb)(handler)
+
+    for verb in VERBS:
+        route(verb)
 
     @app.post("/v1/reload", summary="Load a model fully, warm it, then swap it in atomically",
               responses={403: {"description": "no token and no --allow-reload: reloading is off"},
