@@ -92,6 +92,16 @@ def test_an_export_that_misses_the_tolerance_is_refused_and_not_kept(trained_run
     assert not list(run.glob("*.onnx")) and not list(run.glob(".model.onnx*")) and not (run / "model.json").exists()
 
 
+def test_embed_gives_the_features_the_head_reads(trained_run):
+    loaded = Loaded(trained_run, device="cpu")
+    files = [p for p, _ in json.loads((trained_run / "split.json").read_text())["test"]][:4]
+    vectors = loaded.embed(files)
+    head = loaded.model.head
+    assert vectors.shape == (len(files), head.in_features)
+    logits = head(torch.from_numpy(vectors)).detach().numpy() * loaded.model.logit_scale
+    np.testing.assert_allclose(softmax(logits), loaded.predict_proba(files), atol=1e-5)
+
+
 def test_parity_catches_a_model_that_differs(exported):
     run, _, _ = exported
     pred = Loaded(run, device="cpu")

@@ -94,6 +94,10 @@ def test_train_predict_export_parity(reviews, tmp_path, model):
     # other batch sizes and lengths than the traced example's (2, T): the axes really are dynamic
     long = "the plot was really quite tedious and clumsy, awful"
     assert export_and_check(pred, [texts + [long] * 3, ["superb"]], tmp_path / "model.onnx") < 1e-4
+    # embed: the vectors the head reads (one per text, the same alone as in a batch)
+    vectors = pred.embed(texts)
+    assert vectors.shape == (3, pred.model.head.in_features)
+    np.testing.assert_allclose(pred.embed([texts[1]])[0], vectors[1], atol=1e-5)
 
 
 def test_a_text_run_learns_and_reloads_with_the_same_tokens(reviews, tmp_path):
