@@ -7,7 +7,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "compare", "doctor", "evaluate", "export", "load", "predict", "serve", "train"]
+__all__ = ["__version__", "add_items", "compare", "doctor", "evaluate", "export", "generate", "load", "play", "predict",
+           "recommend", "serve", "train", "tune"]
 
 
 def __getattr__(name):

@@ -28,11 +28,13 @@ def task_of(run) -> str:
     return targets[name][0] if name in targets else name
 
 
-def train(task: str, config: str | Path | None = None, resume: str | Path | None = None, **overrides) -> Run:
+def train(task: str, config: str | Path | None = None, resume: str | Path | None = None, *, on_epoch=None,
+          **overrides) -> Run:
     """Train a model for `task` (image, text, ...: `nnforge train --help` lists them); keyword arguments are config
     fields and win over the file.
 
     resume: a run folder to continue from its last checkpoint (pass a larger `epochs` to extend a finished run).
+    on_epoch: called with every epoch's metrics row (a tuner prunes through it by raising).
     """
     from nnforge.tasks.base import train_run
 
@@ -47,7 +49,15 @@ def train(task: str, config: str | Path | None = None, resume: str | Path | None
             raise ConfigError(f"{run} was trained with `nnforge train {trained_as}`, not `{task}`")
         base = read_yaml_mapping(run / "config.yaml")
     cfg = load_config(cls, config, overrides, base=base)
-    return train_run(task, cfg, resume=str(resume) if resume is not None else None)
+    return train_run(task, cfg, resume=str(resume) if resume is not None else None, on_epoch=on_epoch)
+
+
+def tune(task: str, space: str | Path, trials: int = 20, **options) -> dict:
+    """Optuna search over `space` (YAML: config key -> distribution); options: config, storage, study, timeout,
+    metric, pruner, seed, and config fields for the base config. Returns the best trial and the files written."""
+    from nnforge.tune import tune as run_study
+
+    return run_study(task, space, trials, **options)
 
 
 def load(run, which: str = "best", device: str = "auto"):
@@ -57,15 +67,100 @@ def load(run, which: str = "best", device: str = "auto"):
     return load_run(_run_path(run), which=which, device=device)
 
 
-def evaluate(run, data: str | None = None, device: str = "auto") -> dict:
+def evaluate(run, data: str | None = None, device: str = "auto", features: str | Path | None = None,
+             episodes: int | None = None) -> dict:
     """The run's task evaluates it into RUN/eval/ and RUN/report.html (classification: report, confusion matrix,
-    worst mistakes); returns the headline metrics."""
-    return get_task(task_of(run)).evaluate(Run(_run_path(run)), data=data, device=device)
+    worst mistakes; GANs: FID and KID in nnforge features; RL: returns of deterministic episodes, ...); returns
+    the headline metrics.
+
+    features: GAN runs only: the nnforge image classifier run whose features FID uses (default: the run's own).
+    episodes: RL runs only: how many deterministic episodes to play (default 20).
+    """
+    task = get_task(task_of(run))
+    options = {k: v for k, v in (("features", None if features is None else str(features)), ("episodes", episodes))
+               if v is not None}
+    for key, owner in (("features", "gan"), ("episodes", "rl")):  # options only one task reads
+        if key in options and task.name != owner:
+            raise ConfigError(f"--{key} is for {owner} runs; {_run_path(run)} is a {task.name} run")
+    return task.evaluate(Run(_run_path(run)), data=data, device=device, **options)
+
+
+def play(run, out: str | Path | None = None, seed: int | None = None, max_steps: int | None = None,
+         device: str = "auto") -> dict:
+    """Render one episode of an rl run's policy to an animated GIF (default RUN/eval/episode.gif); returns its
+    path, return and length."""
+    task = get_task(task_of(run))
+    if task.name != "rl":
+        raise ConfigError(f"play renders an rl run's episodes; {_run_path(run)} is a {task.name} run")
+    return task.play(Run(_run_path(run)), out=None if out is None else str(out), seed=seed, max_steps=max_steps,
+                     device=device)
+
+
+def generate(run, n: int = 64, class_name: str | None = None, seed: int | None = None,
+             out: str | Path | None = None, out_dir: str | Path | None = None, force: bool = False,
+             device: str = "auto") -> dict:
+    """n new images from a generator run (a run whose verb is generate, e.g. `nnforge train gan`).
+
+    class_name: conditional generators: the class to make (default: the classes in turn). seed: the same seed makes
+    the same images, here and on the server (default: a fresh one, returned). out: write them as one grid PNG;
+    out_dir: one PNG per image (0000.png, ...); existing files are only replaced with force.
+    Returns {"seed", "class", "images": (n, H, W, C) uint8, "files": [paths written]}.
+    """
+    from nnforge.data.latent_input import check_seed, fresh_seed
+    from nnforge.evaluation.grids import grid, save_png
+
+    loaded = load(run, device=device)
+    if loaded.io.get("verb") != "generate":
+        raise ConfigError(f"{_run_path(run)} answers {loaded.io.get('verb')}, not generate: it is not a generator")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"--n {n!r}: expected a whole number >= 1")
+    seed = fresh_seed() if seed is None else check_seed(seed)
+    images = loaded.infer(loaded.input.sample(n, class_name, seed))  # (n, H, W, C) uint8
+    files: list[Path] = []
+    if out is not None:
+        path = Path(out)
+        if path.suffix.lower() != ".png":
+            raise ValueError(f"--out {path}: expected a .png file name")
+        if path.exists() and not force:
+            raise FileExistsError(f"--out {path} exists; pass --force to replace it")
+        files.append(save_png(grid(images, 8), path))
+    if out_dir is not None:
+        folder = Path(out_dir)
+        names = [folder / f"{i:04d}.png" for i in range(n)]
+        taken = [p for p in names if p.exists()]
+        if taken and not force:
+            raise FileExistsError(f"--out-dir {folder} already holds {taken[0].name}; pass --force to replace")
+        files += [save_png(img, p) for img, p in zip(images, names, strict=True)]
+    return {"seed": seed, "class": class_name, "images": images, "files": files}
 
 
 def predict(run, inputs: list, **options) -> list[dict]:
     """One answer per input, e.g. top-k labels and probabilities for a classifier (options: top_k)."""
     return load(run).predict(inputs, **options)
+
+
+def recommend(run, user: str | int | None = None, item: str | int | None = None, history: list | None = None,
+              k: int = 10, exclude_seen: bool = False, device: str = "auto") -> dict:
+    """Ranked items from a recommender run (`nnforge train recsys`): for a known user (an unknown one gets the popular
+    items, with "fallback": "popular"), for a history of item ids (oldest first), or like one item ("more like
+    this"). Returns {"input", "items" (ids), "titles", "scores", "fallback"}."""
+    loaded = load(run, device=device)
+    if loaded.io.get("verb") != "recommend":
+        raise ConfigError(f"{_run_path(run)} answers {loaded.io.get('verb')}, not recommend: it is not a recommender")
+    request = {key: value for key, value in (("user", user), ("item", item), ("history", history)) if value is not None}
+    return loaded.predict([{**request, "k": k, "exclude_seen": exclude_seen}])[0]
+
+
+def add_items(run, items, id_col: str | None = None, text_cols: str | None = None, title_col: str | None = None,
+              device: str = "auto") -> dict:
+    """Add items to a text-aware recommender run without retraining: their text is embedded through the run's item
+    tower and they join its index. items: a CSV/TSV file (an id column and text columns) or a list of
+    {"id", "title", "text"}. Returns {"added", "items" (catalogue size), "ids"}."""
+    if task_of(run) != "recsys":
+        raise ConfigError(f"add_items adds to recommender runs; {_run_path(run)} is a {task_of(run)} run")
+    from nnforge.tasks.recsys_items import add_items as add
+
+    return add(_run_path(run), items, id_col=id_col, text_cols=text_cols, title_col=title_col, device=device)
 
 
 def doctor(task: str = "image", config: str | Path | None = None, out: str | Path | None = None,

@@ -11,12 +11,13 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import types
 import typing
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 
 from nnforge.tasks import train_targets
 
@@ -42,8 +43,11 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type[BaseModel]) -
         elif typing.get_origin(ann) is typing.Literal:
             parser.add_argument(flag, dest=name, choices=list(args), default=None, help=help_)
         else:
-            parser.add_argument(flag, dest=name, type=ann if ann in (int, float) else str, default=None,
-                                help=help_, required=field.is_required() and name != "data")
+            # a field with its own parser (steps: 200k, 1M) gets the text as typed; pydantic reads it
+            own = any(isinstance(m, BeforeValidator) for m in field.metadata)
+            parser.add_argument(flag, dest=name, type=ann if ann in (int, float) and not own else str,
+                                default=None, help=help_,
+                                required=field.is_required() and name not in ("data", "env"))
 
 
 def _numbers(text: str) -> tuple[float, ...]:
@@ -80,12 +84,73 @@ def build_parser() -> argparse.ArgumentParser:
         t = tasks.add_parser(task, help=cls.__doc__.splitlines()[0] if cls.__doc__ else task)
         t.add_argument("--config", help="YAML file of config values; command-line flags win")
         t.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint")
+        t.add_argument("--nproc", type=int, help="train on N processes of this machine (torchrun + DDP; the batch "
+                                                 "size stays the global batch); torchrun itself for several machines")
         _add_config_options(t, cls)
+
+    tune = sub.add_parser("tune", help="hyper-parameter search (Optuna): each trial a run; the study in an RDB")
+    tune_tasks = tune.add_subparsers(dest="task", required=True)
+    for task, (_, cls) in targets.items():
+        t = tune_tasks.add_parser(task, help=f"search {task} configs; every train option sets the base config",
+                                  conflict_handler="resolve")
+        t.add_argument("--config", help="YAML file of the base config; command-line flags win")
+        _add_config_options(t, cls)
+        t.add_argument("--space", required=True, help="YAML: config key -> {type: float|int|categorical, low, "
+                                                      "high, log, step, choices}")
+        t.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (all workers)")
+        t.add_argument("--storage", help="Optuna RDB URL (default: sqlite file in runs/tune/<study>)")
+        t.add_argument("--study", help="study name (default: <task>-<data name>); the same name continues it")
+        t.add_argument("--timeout", help="stop starting trials after this long: 600, 30m, 1h")
+        t.add_argument("--metric", help="logged metric to optimise (default: the config's monitor)")
+        t.add_argument("--pruner", choices=["median", "hyperband"], default="median")
 
     ev = sub.add_parser("evaluate", help="the run's task evaluates it -> RUN/eval/ and RUN/report.html")
     ev.add_argument("run")
     ev.add_argument("--data", help="labelled data to evaluate on (default: the run's own test split)")
+    ev.add_argument("--features", metavar="RUN", help="GAN runs: the nnforge image classifier whose features FID "
+                                                      "uses (default: the one the run trained or was given)")
+    ev.add_argument("--episodes", type=int, help="rl runs: deterministic episodes to play (default 20)")
     ev.add_argument("--device", default="auto")
+
+    pl = sub.add_parser("play", help="rl runs: render one episode of the policy to an animated GIF")
+    pl.add_argument("run")
+    pl.add_argument("--out", help="GIF file to write (default: RUN/eval/episode.gif)")
+    pl.add_argument("--seed", type=int, help="reset seed of the episode (default: the first evaluation episode's)")
+    pl.add_argument("--max-steps", type=int, help="stop the episode after this many steps")
+    pl.add_argument("--device", default="auto")
+
+    gn = sub.add_parser("generate", help="new images from a generator run (nnforge train gan): a grid or files")
+    gn.add_argument("run")
+    gn.add_argument("--n", type=int, default=64, help="how many images")
+    gn.add_argument("--class", dest="class_name", help="conditional generators: the class to make (default: each "
+                                                       "class in turn)")
+    gn.add_argument("--seed", type=int, help="the same seed makes the same images (default: a fresh one, printed)")
+    where = gn.add_mutually_exclusive_group()
+    where.add_argument("--out", help="one grid PNG (default: RUN/samples/generated_seed<SEED>.png)")
+    where.add_argument("--out-dir", help="a folder for one PNG per image")
+    gn.add_argument("--force", action="store_true", help="replace existing files")
+    gn.add_argument("--device", default="auto")
+
+    rc = sub.add_parser("recommend", help="ranked items from a recommender run: for a user, a history, or like an "
+                                          "item")
+    rc.add_argument("run")
+    asked = rc.add_mutually_exclusive_group(required=True)
+    asked.add_argument("--user", help="a user id (an unknown user gets the popular items, flagged as such)")
+    asked.add_argument("--item", help="an item id: more like this")
+    asked.add_argument("--history", help="comma-separated item ids the user interacted with, oldest first")
+    rc.add_argument("--k", type=int, default=10, help="how many items")
+    rc.add_argument("--exclude-seen", action="store_true", help="leave out the items the user already has")
+    rc.add_argument("--json", action="store_true", help="print the answer as JSON")
+    rc.add_argument("--device", default="auto")
+
+    ai = sub.add_parser("add-items", help="add items to a recommender run's index without retraining (their text "
+                                          "is embedded)")
+    ai.add_argument("run")
+    ai.add_argument("items", help="CSV/TSV file: an item id column and text columns")
+    ai.add_argument("--item-col", help="the id column (default: one named item, item_id, movieId, ...)")
+    ai.add_argument("--item-text-cols", help="comma-separated text columns (default: every column but the id)")
+    ai.add_argument("--item-title-col", help="the title column (default: one named like title or name)")
+    ai.add_argument("--device", default="auto")
 
     pr = sub.add_parser("predict", help="answers for inputs (classifiers: top-k labels with probabilities)")
     pr.add_argument("run")
@@ -119,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--allow-reload", action="store_true",
                     help="without a token, POST /v1/reload is refused (403), since anyone who can reach the port "
                          "could swap the model; this allows it. With a token, reload needs the token")
+    sv.add_argument("--reload-root", help="reloads may load runs under this folder only (default: the folder "
+                                          "holding RUN)")
+    sv.add_argument("--allowed-hosts", type=lambda t: tuple(h for h in t.split(",") if h), default=(),
+                    metavar="NAME[,NAME]", help="Host header names to answer besides the bound address (and, on "
+                                                "loopback, localhost): the names a reverse proxy forwards")
     sv.add_argument("--backend", choices=["auto", "onnx", "torch"], default=d["backend"],
                     help="auto: ONNX Runtime when RUN/model.onnx exists, else PyTorch")
     sv.add_argument("--int8", action="store_true", help="serve RUN/model.int8.onnx")
@@ -162,23 +232,87 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(a) -> int:
     from nnforge import api
 
-    overrides = {k: v for k, v in vars(a).items() if k not in ("command", "task", "config", "resume")}
+    if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from nnforge.engine.distributed import relaunch
+
+        return relaunch(a.nproc, _ARGV)
+    overrides = {k: v for k, v in vars(a).items() if k not in ("command", "task", "config", "resume", "nproc")}
     required = [n for n, f in train_targets()[a.task][1].model_fields.items() if f.is_required()]
     missing = [n for n in required if overrides.get(n) is None]
     if a.resume is None and a.config is None and missing:
         flags = ", ".join("--" + n.replace("_", "-") for n in missing)
         raise ValueError(f"{flags} is required (or --config with a {missing[0]} key, or --resume RUN)")
     run = api.train(a.task, config=a.config, resume=a.resume, **overrides)
-    print(run.path)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process says where the run is
+        print(run.path)
+    return 0
+
+
+def _cmd_tune(a) -> int:
+    from nnforge import api
+
+    own = ("command", "task", "config", "space", "trials", "storage", "study", "timeout", "metric", "pruner")
+    overrides = {k: v for k, v in vars(a).items() if k not in own}
+    summary = api.tune(a.task, space=a.space, trials=a.trials, config=a.config, storage=a.storage, study=a.study,
+                       timeout=a.timeout, metric=a.metric, pruner=a.pruner, **overrides)
+    print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
 def _cmd_evaluate(a) -> int:
     from nnforge import api
 
-    report = api.evaluate(a.run, data=a.data, device=a.device)
+    report = api.evaluate(a.run, data=a.data, device=a.device, features=a.features, episodes=a.episodes)
     print(json.dumps({k: v for k, v in report.items() if isinstance(v, int | float | str)
                       or k in ("top_k_accuracy", "macro_avg")}))
+    return 0
+
+
+def _cmd_play(a) -> int:
+    from nnforge import api
+
+    result = api.play(a.run, out=a.out, seed=a.seed, max_steps=a.max_steps, device=a.device)
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_generate(a) -> int:
+    from nnforge import api
+    from nnforge.data.latent_input import fresh_seed
+
+    seed = a.seed if a.seed is not None else fresh_seed()
+    out = a.out
+    if out is None and a.out_dir is None:
+        out = str(Path(a.run) / "samples" / f"generated{'_' + a.class_name if a.class_name else ''}_seed{seed}.png")
+    result = api.generate(a.run, n=a.n, class_name=a.class_name, seed=seed, out=out, out_dir=a.out_dir,
+                          force=a.force, device=a.device)
+    where = out if out is not None else f"{a.out_dir}/ ({len(result['files'])} files)"
+    print(f"wrote {where}: {a.n} images, seed {seed}{f', class {a.class_name}' if a.class_name else ''}")
+    return 0
+
+
+def _cmd_recommend(a) -> int:
+    from nnforge import api
+
+    history = [h.strip() for h in a.history.split(",") if h.strip()] if a.history is not None else None
+    row = api.recommend(a.run, user=a.user, item=a.item, history=history, k=a.k, exclude_seen=a.exclude_seen,
+                        device=a.device)
+    if a.json:
+        print(json.dumps(row))
+        return 0
+    if row["fallback"]:
+        print(f"{row['input']}: not a known user; the most popular items instead", file=sys.stderr)
+    for rank, (item, title, score) in enumerate(zip(row["items"], row["titles"], row["scores"], strict=True), 1):
+        print(f"{rank:3d}  {score:10.4f}  {item}\t{title}")
+    return 0
+
+
+def _cmd_add_items(a) -> int:
+    from nnforge import api
+
+    result = api.add_items(a.run, a.items, id_col=a.item_col, text_cols=a.item_text_cols, title_col=a.item_title_col,
+                           device=a.device)
+    print(json.dumps({k: v for k, v in result.items() if k != "ids"}))
     return 0
 
 
@@ -289,13 +423,21 @@ def _cmd_list_models(a) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
+COMMANDS = {"train": _cmd_train, "tune": _cmd_tune, "evaluate": _cmd_evaluate, "predict": _cmd_predict,
+            "generate": _cmd_generate,
+            "recommend": _cmd_recommend, "add-items": _cmd_add_items,
+            "play": _cmd_play,
             "list-models": _cmd_list_models, "doctor": _cmd_doctor, "compare": _cmd_compare,
             "export": _cmd_export, "serve": _cmd_serve}
 
 
+_ARGV: list[str] = []  # this invocation's arguments, for `--nproc`, which runs the same command under torchrun
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    global _ARGV
+    _ARGV = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(_ARGV)
     from nnforge.engine.errors import TrainingDiverged, TrainingInterrupted
 
     try:

@@ -52,7 +52,7 @@ class Loaded:
         self.model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         self.model.to(self.device).eval()
         self.input = build_input(self.io["input"], self.run.path)
-        self.output = build_output(self.io["output"])
+        self.output = build_output(self.io["output"], self.run.path)
         # Image convolutions run ~2x faster channels-last on CPUs (oneDNN) and GPUs; still fp32, like the export.
         self.channels_last = self.input.example(1).ndim == 4 and self.device.type != "mps"
         if self.channels_last:
@@ -136,7 +136,9 @@ class Loaded:
         for good, raw, failed in self.chunks(inputs):
             if raw is not None:
                 names = [self.input.describe(inputs[i]) for i in good]
-                rows += self.output.rows(names, self.output.finish(raw), **options)
+                # an answer that depends on the question (a recommender's k, the items to leave out) reads it again
+                asked = {"inputs": [self.input.load(inputs[i]) for i in good]} if self.output.takes_inputs else {}
+                rows += self.output.rows(names, self.output.finish(raw), **asked, **options)
             bad += [{"input": self.input.describe(inputs[i]), "error": reason} for i, reason in failed]
         return rows, bad
 

@@ -336,11 +336,32 @@ def test_mangled_images_never_get_a_500(main, images):
     assert 400 in codes
 
 
+def test_a_slow_upload_is_timed_out(servers):
+    """A client that sends its body a byte at a time gets 504 once the request timeout (5 s here) is spent, and its
+    connection closed; it does not hold the server's reading side forever."""
+    g = servers["guarded"]
+    with socket.create_connection(("127.0.0.1", g.port), timeout=DEADLINE) as s:
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
+                  b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 100000\r\n\r\n")
+        s.setblocking(False)
+        answer, deadline = b"", time.monotonic() + DEADLINE
+        while b"\r\n\r\n" not in answer and time.monotonic() < deadline:
+            try:
+                s.sendall(b"\0")  # a byte, then a wait: never the whole body
+            except OSError:
+                pass  # the server closed its side after answering
+            try:
+                answer += s.recv(65536)
+            except BlockingIOError:
+                time.sleep(0.5)
+    assert answer.startswith(b"HTTP/1.1 504"), answer
+
+
 def test_a_50_mb_body_gets_413_before_it_is_sent_while_health_still_answers(main):
     # Content-Length announces it: the answer comes before a byte of the body is sent (a server that waited for the
     # body would never answer this client, which sends none)
     with socket.create_connection(("127.0.0.1", main.port), timeout=DEADLINE) as s:
-        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
                   b"Content-Length: %d\r\n\r\n" % (50 << 20))
         answer = b""
         while b"Content-Length says" not in answer and (chunk := s.recv(65536)):
@@ -447,12 +468,42 @@ def test_without_a_token_reload_is_refused_unless_allowed_at_start(servers, text
     assert value(scrape(t.url), "nnforge_reloads_total", result="ok") == 0
 
 
-def test_a_failed_reload_keeps_the_old_model(main, tmp_path):
+def test_a_failed_reload_keeps_the_old_model(main, run, tmp_path):
     before = get(main.url + "/v1/model").json()["version"]
-    r = post(main.url + "/v1/reload", json={"run": str(tmp_path / "missing")})
+    r = post(main.url + "/v1/reload", json={"run": str(run.parent / "missing")})  # inside the allowed folder
     assert r.status_code == 422 and "still serving version " + before in r.json()["detail"]
+    assert "missing" not in r.json()["detail"]  # the caller learns nothing about paths; the server log has it
     assert get(main.url + "/v1/model").json()["version"] == before
-    assert post(main.url + "/v1/reload", json={"backend": "tflite"}).status_code == 422
+    assert post(main.url + "/v1/reload", json={"backend": "tflite"}).status_code == 400
+
+
+def test_reload_is_confined_json_only_and_says_nothing_about_paths(main, run, tmp_path):
+    """Reload loads runs under the served run's folder only; whether a path outside exists is not revealed; a
+    cross-site form or text POST (no preflight needed) cannot trigger it, nor a Host a rebinding page would send."""
+    before = get(main.url + "/v1/model").json()["version"]
+    outside = [str(tmp_path), str(tmp_path / "nothing-here"), "/etc", "../../../etc"]
+    answers = [post(main.url + "/v1/reload", json={"run": p}) for p in outside]
+    assert {a.status_code for a in answers} == {403} and len({a.json()["detail"] for a in answers}) == 1
+    for body in ({"content": b""}, {"content": b"run=/etc", "headers": {"content-type": "text/plain"}},
+                 {"data": {"run": str(run)}}):
+        assert post(main.url + "/v1/reload", **body).status_code == 415
+    r = post(main.url + "/v1/reload", json={}, headers={"Host": "attacker.example:8000"})
+    assert r.status_code == 421 and "--allowed-hosts" in r.json()["detail"]
+    assert get(main.url + "/v1/model").json()["version"] == before
+    assert value(scrape(main.url), "nnforge_reloads_total", result="refused") >= 4
+
+
+def test_a_model_card_cannot_point_outside_its_run(run, tmp_path):
+    from nnforge.deploy.artifacts import read_card
+
+    exported_copy = tmp_path / "copy"
+    shutil.copytree(run, exported_copy)
+    card_path = exported_copy / "model.json"
+    card = json.loads(card_path.read_text())
+    for bad in ("/etc/passwd", "../../other/model.onnx", "sub/model.onnx", ".."):
+        card_path.write_text(json.dumps({**card, "file": bad}))
+        with pytest.raises(ValueError, match="must name a file in the run folder itself"):
+            read_card(exported_copy)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -470,7 +521,7 @@ def test_a_wrong_or_missing_token_gives_401(servers, images):
     ok = {"Authorization": f"Bearer {TOKEN}"}
     assert get(g.url + "/v1/model", headers=ok).status_code == 200
     # with a token, the token is what reload needs (this server was not started with --allow-reload)
-    assert post(g.url + "/v1/reload", headers=ok).status_code == 200
+    assert post(g.url + "/v1/reload", headers=ok, json={}).status_code == 200
     # the token is checked before the body is read
     r = post(g.url + "/v1/predict", content=b"\0" * (20 << 20), headers={"content-type": "image/png"})
     assert r.status_code == 401
@@ -584,7 +635,7 @@ def test_a_reload_reaches_every_worker(servers, images, expected):
         return check
 
     wait_for(every_worker_has(0), "both workers before the reload")
-    assert post(w.url + "/v1/reload").status_code == 200
+    assert post(w.url + "/v1/reload", json={}).status_code == 200
     wait_for(every_worker_has(1), "the other worker to follow the reload")
     r = post(w.url + "/v1/predict", content=images[0].read_bytes(), headers={"content-type": "image/png"})
     same_answer(r.json()["predictions"][0], expected[str(images[0])])
@@ -642,7 +693,7 @@ def test_nothing_is_served_before_the_model_is_loaded(run):
     app = create_app(ServeSettings(str(run)))
 
     async def ask() -> dict[str, httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://nnforge") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as c:
             return {"health": await c.get("/health"), "ready": await c.get("/ready"),
                     "model": await c.get("/v1/model"),
                     "predict": await c.post("/v1/predict", content=b"x", headers={"content-type": "image/png"})}

@@ -282,7 +282,7 @@ def random_ids(vocab: int, lengths: list[int], seed: int = 0) -> torch.Tensor:
 
 
 def test_the_text_models_are_registered():
-    assert set(TEXT_MODELS) == {"lstm", "gru", "bigru", "textcnn", "transformer", "minilm"}
+    assert set(TEXT_MODELS) == {"lstm", "gru", "bigru", "textcnn", "transformer", "minilm", "fasttext"}
     for name in TEXT_MODELS:
         assert get_entry(name).input == "text" and get_entry(name).head == "head"
 

@@ -139,9 +139,12 @@ def _csv_samples(csv_path: Path, path_col: str, label_col: str) -> list[Sample]:
 
 
 def find_samples(data: str | Path, path_col: str = "path", label_col: str = "label",
-                 notes: dict | None = None) -> list[Sample]:
+                 notes: dict | None = None, flat: bool = False) -> list[Sample]:
     """Every image of the layout with its label and split; labels normalised (rules.normalise_label), the
-    spellings that changed counted in notes["labels_normalised"] when a dict is given."""
+    spellings that changed counted in notes["labels_normalised"] when a dict is given.
+
+    flat: a folder of images with no sub-folders is also a layout, one class named after the folder (for tasks
+    whose labels are optional: a GAN)."""
     root = Path(data)
     if not root.exists():
         raise DataError(f"{root}: no such file or folder")
@@ -155,6 +158,8 @@ def find_samples(data: str | Path, path_col: str = "path", label_col: str = "lab
         split_dirs = {split_name(p.name): p for p in root.iterdir() if split_name(p.name) and _is_dir(p)}
         if "train" in split_dirs:  # layout (b)
             samples = [s for split, p in split_dirs.items() for s in _class_folder_samples(p, split, notes)]
+        elif flat and not any(_is_dir(p) for p in root.iterdir() if not p.name.startswith(".")):
+            samples = [Sample(f, root.resolve().name, "train") for f in _files_under(root, notes)]
         else:
             samples = _class_folder_samples(root, "train", notes)
         notes.pop("root")
@@ -296,10 +301,11 @@ class ImageData:
 
     # ---- construction ----
     @classmethod
-    def load(cls, cfg: ImageTrainConfig, cache: TensorCache, log=print) -> ImageData:
+    def load(cls, cfg: ImageTrainConfig, cache: TensorCache, log=print, min_classes: int = 2) -> ImageData:
+        """min_classes=1: labels are optional (a flat folder of images is one class), as for a GAN."""
         workers = cfg.workers or os.cpu_count() or 1
         notes: dict = {}
-        samples = find_samples(cfg.data, cfg.path_col, cfg.label_col, notes)
+        samples = find_samples(cfg.data, cfg.path_col, cfg.label_col, notes, flat=min_classes < 2)
         paths = [s.path for s in samples]
         fp = fingerprint_files(paths, extra=f"min_size={cfg.min_size}")
         checks = cache.get_json(f"checks-{fp}")
@@ -316,7 +322,7 @@ class ImageData:
                             f"{skipped[0]['path']}: {skipped[0]['reason']})")
         samples, checks = [s for s, _ in good], [c for _, c in good]
         labels, where = [s.label for s in samples], [s.path for s in samples]
-        classes = check_classes(labels, [s.split for s in samples], where, cfg.data)
+        classes = check_classes(labels, [s.split for s in samples], where, cfg.data, min_classes)
         keys = [c.sha256 for c in checks]
         new_splits = assign_splits(labels, [s.split for s in samples], keys, cfg.val_split, cfg.test_split, cfg.seed)
         for s, split in zip(samples, new_splits, strict=True):

@@ -93,9 +93,25 @@ class InputKind:
         """Inputs for a parity check when the run's own data is gone."""
         return list(self.example(n))
 
+    def parity_inputs(self, run_dir: str | Path) -> tuple[str, list[np.ndarray]]:
+        """(where they came from, inputs) for an export's parity check when the run keeps no split.json: inputs
+        the run recorded for this (a policy's observations), else synthetic ones."""
+        return "synthetic", self.synthetic()
+
     def describe(self, item) -> str:
         """How an input is named in a prediction row."""
         return item if isinstance(item, str) else "<bytes>" if isinstance(item, bytes) else "<input>"
+
+    @classmethod
+    def openapi_content(cls, spec: dict) -> dict:
+        """The request bodies this kind accepts, as OpenAPI content (media type -> schema): what /openapi.json
+        promises for the served run, so a request the schema allows is one the server can read."""
+        return {"application/json": {"schema": {"type": "object", "required": [cls.json_key], "properties": {
+            cls.json_key: {"type": "array", "minItems": 1, "items": cls.item_schema(spec)}}}}}
+
+    @classmethod
+    def item_schema(cls, spec: dict) -> dict:
+        return {}
 
 
 class ImageInput(InputKind):
@@ -161,6 +177,17 @@ class ImageInput(InputKind):
     def example(self, n: int = 2) -> np.ndarray:
         return np.zeros((n, self.channels, self.size, self.size), dtype=np.float32)
 
+    @classmethod
+    def item_schema(cls, spec: dict) -> dict:
+        return {"type": "string", "format": "byte", "minLength": 1, "description": "an encoded image, base64"}
+
+    @classmethod
+    def openapi_content(cls, spec: dict) -> dict:
+        picture = {"type": "string", "format": "binary", "minLength": 1}
+        return {"multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                    "file": {"type": "array", "minItems": 1, "items": picture}}}},
+                **super().openapi_content(spec), "image/png": {"schema": picture}}
+
     def synthetic(self, n: int = 16) -> list[np.ndarray]:
         # normalised pixels are roughly standard normal
         return list(np.random.default_rng(0).standard_normal((n, self.channels, self.size, self.size))
@@ -202,13 +229,90 @@ class TensorInput(InputKind):
     def example(self, n: int = 2) -> np.ndarray:
         return np.zeros((n, *self.shape), dtype=self.dtype)
 
+    @classmethod
+    def item_schema(cls, spec: dict) -> dict:
+        number = {"type": "integer"} if str(spec.get("dtype", "float32")).startswith("int") else {"type": "number"}
+        for size in reversed([int(d) for d in spec["shape"]]):
+            number = {"type": "array", "minItems": size, "maxItems": size, "items": number}
+        return number
+
     def synthetic(self, n: int = 16) -> list[np.ndarray]:
         return list(np.random.default_rng(0).standard_normal((n, *self.shape)).astype(self.dtype))
 
 
+class ObservationInput(TensorInput):
+    """An agent's observation (rl): a vector of floats, or stacked uint8 frames (C, H, W), as the environment gave
+    it; the policy normalises it itself. JSON: {"observation": [...]} for one, {"observations": [[...], ...]}."""
+
+    name = "observation"
+    json_key = "observations"
+    RECORDED = "observations.npy"  # real observations the run kept for the export's parity check
+    MAX_RECORDED = 4096
+
+    def __init__(self, spec: dict, run_dir: str | Path | None = None):
+        super().__init__({**spec, "dtype": "float32"}, run_dir)
+        self.dtype = str(spec.get("dtype", "float32"))
+        if self.dtype not in ("float32", "uint8"):
+            raise ValueError(f"the run's observation spec has dtype {self.dtype!r}; expected float32 or uint8")
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+
+    @property
+    def expected(self) -> str:
+        return f"an observation of shape {list(self.shape)} ({self.dtype}{', 0-255' if self.dtype == 'uint8' else ''})"
+
+    def read_json(self, data, max_inputs: int) -> list[tuple[str, object]]:
+        if isinstance(data, dict) and "observation" in data:
+            return [("observation", data["observation"])]
+        if isinstance(data, dict) and isinstance(data.get("observations"), list) and data["observations"]:
+            values = data["observations"]
+            if len(values) > max_inputs:
+                raise TooManyInputs(f"{len(values)} observations in one request; the limit is {max_inputs}")
+            return [(f"observations[{i}]", v) for i, v in enumerate(values)]
+        raise InputError(f"expected a JSON object {{\"observation\": [...]}} with {self.expected}, or "
+                         "{\"observations\": [...]} with several")
+
+    def decode(self, raw) -> np.ndarray:
+        if isinstance(raw, bytes | str):
+            try:
+                raw = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise InputError(f"expected {self.expected} as a JSON array") from None
+        try:
+            arr = np.asarray(raw, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"expected numbers: {self.expected}") from None
+        if arr.shape != self.shape:
+            raise InputError(f"expected {self.expected}, got shape {list(arr.shape)}")
+        if not np.isfinite(arr).all():
+            raise InputError(f"NaN or infinite values; expected {self.expected}")
+        if self.dtype == "uint8" and ((arr < 0) | (arr > 255) | (arr != np.round(arr))).any():
+            raise InputError(f"expected whole numbers from 0 to 255: {self.expected}")
+        return arr.astype(self.dtype)
+
+    def synthetic(self, n: int = 16) -> list[np.ndarray]:
+        rng = np.random.default_rng(0)
+        if self.dtype == "uint8":
+            return list(rng.integers(0, 256, (n, *self.shape), dtype=np.uint8))
+        return list(rng.standard_normal((n, *self.shape)).astype(np.float32))
+
+    def parity_inputs(self, run_dir: str | Path) -> tuple[str, list[np.ndarray]]:
+        p = Path(run_dir) / self.RECORDED
+        if p.is_file():
+            try:
+                arr = np.load(p, allow_pickle=False)  # never unpickles
+            except (OSError, ValueError):
+                arr = None
+            if arr is not None and arr.shape[1:] == self.shape and 0 < len(arr) <= self.MAX_RECORDED:
+                return "recorded", list(arr.astype(self.dtype))
+        return "synthetic", self.synthetic()
+
+
 # name -> class, or "module:Class" for kinds whose module needs an optional package (text: tokenizers)
 _KINDS: dict[str, type[InputKind] | str] = {"image": ImageInput, "tensor": TensorInput,
-                                            "text": "nnforge.data.text_input:TextInput"}
+                                            "text": "nnforge.data.text_input:TextInput",
+                                            "observation": ObservationInput,
+                                            "latent": "nnforge.data.latent_input:LatentInput",
+                                            "history": "nnforge.data.history_input:HistoryInput"}
 
 
 def register_input_kind(name: str, cls: type[InputKind] | str) -> None:

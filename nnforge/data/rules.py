@@ -30,9 +30,10 @@ def split_name(name: str) -> str | None:
     return SPLIT_NAMES.get(name.strip().lower())
 
 
-def check_classes(labels: list[str], splits: list[str], where: list[str], data: str) -> list[str]:
-    """The sorted class names, or a DataError: fewer than two classes, a class missing from train, or a class
-    with fewer than MIN_TRAIN_PER_CLASS training examples (named with where one of its examples is)."""
+def check_classes(labels: list[str], splits: list[str], where: list[str], data: str, min_classes: int = 2) -> list[str]:
+    """The sorted class names, or a DataError: fewer than `min_classes` classes (2 for a classifier; 1 where labels
+    are optional, a GAN's), a class missing from train, or a class with fewer than MIN_TRAIN_PER_CLASS training
+    examples (named with where one of its examples is)."""
     train = Counter(y for y, s in zip(labels, splits, strict=True) if s == "train")
     classes = sorted(train)
     first = {}
@@ -41,8 +42,9 @@ def check_classes(labels: list[str], splits: list[str], where: list[str], data: 
     unknown = sorted(set(labels) - set(classes))
     if unknown:
         raise DataError(f"{data}: labels {unknown} appear in val/test (e.g. {first[unknown[0]]}) but not in train")
-    if len(classes) < 2:
-        raise DataError(f"{data}: found only the label(s) {classes}; a classifier needs at least 2 classes")
+    if len(classes) < min_classes:
+        raise DataError(f"{data}: found only the label(s) {classes}; at least {min_classes} classes are needed "
+                        "(one folder or label per class)")
     few = [c for c in classes if train[c] < MIN_TRAIN_PER_CLASS]
     if few:
         shown = ", ".join(f"'{c}' ({train[c]}, e.g. {first[c]})" for c in few[:5])

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from nnforge.data.rules import DataError
 
-# An unterminated quote: a record spanning at least this many physical lines, of which at least SWALLOWED_ROWS look
-# like rows of their own (the file's column count, or a label seen elsewhere in the label column), is refused.
-SWALLOW_MIN_LINES, SWALLOWED_ROWS = 3, 2
+# An unterminated quote: a record spanning several physical lines, one of which reads as a row of its own (the file's
+# column count and, where labels are known, a label seen elsewhere in the label column), is refused. A text that
+# really spans lines rarely has a line ending in a delimiter and a known label; a swallowed row always does.
+SWALLOW_MIN_LINES, SWALLOWED_ROWS = 2, 1
 
 
 def detect_encoding(raw: bytes) -> str:
@@ -93,25 +94,32 @@ def _swallowed(table: Table, line: int, fields: list[str], span: int, delimiter:
     width = len(table.header)
     count = 0
     for text in "\n".join(fields).split("\n")[1:]:
-        parts = text.split(delimiter)
+        try:
+            parts = next(csv.reader([text], delimiter=delimiter), [])
+        except csv.Error:
+            continue
         if len(parts) == width and (label_idx is None or not labels or parts[label_idx].strip() in labels):
             count += 1
     return count
 
 
-def read_table(path: Path, delimiter: str, required: dict[str, str], label: str | None = None) -> Table:
+def read_table(path: Path, delimiter: str, required: dict[str, str], label: str | None = None,
+               names: list[str] | None = None, quoting: bool = True) -> Table:
     """Read a delimited file; `required` maps the columns read to the flag that names them; `label` is the label
-    column, whose values help recognise rows swallowed by an unterminated quote."""
+    column, whose values help recognise rows swallowed by an unterminated quote. `names`: the columns of a file
+    without a header row (MovieLens' u.data); quoting=False for formats where a quote is an ordinary character
+    (MovieLens, RecBole's atomic files)."""
     content, encoding = read_text_file(path)
-    reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(content, newline=""), delimiter=delimiter,
+                        quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE)
     try:
-        header = [h.strip() for h in next(reader)]
+        header = list(names) if names is not None else [h.strip() for h in next(reader)]
     except StopIteration:
         raise DataError(f"{path}: the file is empty; expected a header row naming the columns") from None
     except csv.Error as err:
         raise DataError(f"{path}:1: unreadable header row ({err})") from None
     table = Table(path, encoding, header, _header(path, header, required))
-    width, sep = len(header), "tab" if delimiter == "\t" else "comma"
+    width, sep = len(header), {"\t": "tab", ",": "comma"}.get(delimiter, repr(delimiter))
     spans: list[tuple[int, int, list[str]]] = []  # multi-line records: (line, lines spanned, fields)
     line = reader.line_num
     while True:
@@ -138,7 +146,11 @@ def read_table(path: Path, delimiter: str, required: dict[str, str], label: str 
     label_idx = table.columns.get(label) if label else None
     labels = {rec[label_idx].strip() for _, rec in table.rows if label_idx is not None and "\n" not in rec[label_idx]}
     for start, span, rec in spans:
-        if _swallowed(table, start, rec, span, delimiter, label_idx, labels) >= SWALLOWED_ROWS:
+        # A record over several lines is a quoted text with line breaks, or a quote never closed. Never closed when:
+        # its fields do not fit the header, its label spans lines, or one of its lines reads as a row of its own.
+        broken = (len(rec) != width or (label_idx is not None and "\n" in rec[label_idx])
+                  or _swallowed(table, start, rec, span, delimiter, label_idx, labels) >= SWALLOWED_ROWS)
+        if broken:
             raise DataError(
                 f"{path}:{start}: a quote opened in this record is never closed, so the next {span - 1} lines "
                 f"(to line {start + span - 1}) were read as one field. Close the quote, write a quote inside a "

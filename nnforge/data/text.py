@@ -263,8 +263,6 @@ class TextData:
         if encoder is not None:
             tok, kind = pretrained_tokenizer(encoder), "pretrained"
             log(f"tokenizer: the encoder's own ({encoder}), {tok.get_vocab_size()} ids")
-            if cfg.lr > 1e-3 and not cfg.freeze_encoder:
-                log(f"note: fine-tuning a pretrained encoder usually wants --lr 2e-5 to 1e-4; this run uses {cfg.lr:g}")
         elif reused is not None:
             tok, kind = load_tokenizer(reused, cfg.max_len), "reused"
             log(f"tokenizer: {reused} (from --weights, so the embeddings line up), {tok.get_vocab_size()} ids")
@@ -316,6 +314,10 @@ class TextData:
         return {"kind": "text", "tokenizer": TOKENIZER_FILE, "tokenizer_type": self.tokenizer_type,
                 "vocab_size": self.tokenizer.get_vocab_size(), "max_len": self.cfg.max_len, "pad_id": self.pad_id,
                 "lowercase": self.cfg.lowercase if self.encoder is None else None}
+
+    def train_inputs(self) -> list[np.ndarray]:
+        """The training texts as the model reads them (token ids), for models that learn statistics of them."""
+        return [self.ids[i] for i in self._index("train")]
 
     def blind(self, x: torch.Tensor) -> torch.Tensor:
         """One input for every example (the doctor's baseline): a single fixed token, then padding; all-padding

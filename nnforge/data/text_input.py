@@ -56,6 +56,14 @@ class TextInput(InputKind):
             raise InputError("the text gives no tokens")
         return np.asarray(ids, dtype=np.int64)
 
+    @classmethod
+    def item_schema(cls, spec: dict) -> dict:
+        return {"type": "string", "pattern": r"\S", "description": "a text (at least one character that is not space)"}
+
+    @classmethod
+    def openapi_content(cls, spec: dict) -> dict:
+        return {**super().openapi_content(spec), "text/plain": {"schema": cls.item_schema(spec)}}
+
     def from_json(self, value, where: str) -> str:
         if not isinstance(value, str):
             raise InputError(f"{where}: expected a string, got {type(value).__name__}")

@@ -13,10 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from nnforge.data.ngrams import NgramTokenizer, is_ngram_file
 
 PAD, UNK = "[PAD]", "[UNK]"  # ids 0 and 1 in every tokenizer trained here
-KINDS = ("bpe", "wordpiece")
+KINDS = ("bpe", "wordpiece", "ngrams")
 
 
 def train_tokenizer(texts: list[str], kind: str = "bpe", vocab_size: int = 8000, lowercase: bool = True,
@@ -25,8 +27,17 @@ def train_tokenizer(texts: list[str], kind: str = "bpe", vocab_size: int = 8000,
 
     bpe: byte-level BPE (GPT-2 style): no unknown tokens, and decode(encode(t)) gives t back after normalisation.
     wordpiece: BERT-style word pieces split at whitespace and punctuation; unseen characters become [UNK].
+    ngrams: hashed word and character n-grams (nnforge/data/ngrams.py), vocab_size - 1 buckets; nothing is learnt.
+    CJK characters are words of their own in all three.
     """
-    norm = normalizers.Sequence([normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else []))
+    if kind == "ngrams":  # hashed n-grams: nothing to learn from the texts
+        return NgramTokenizer(buckets=vocab_size - 1, lowercase=lowercase)
+    # CJK characters become words of their own (BERT's basic tokenizer does the same): those scripts put no spaces
+    # between words, and without this a whole paragraph would be one pre-token, cut into arbitrary pieces.
+    cjk = normalizers.BertNormalizer(clean_text=False, handle_chinese_chars=True, strip_accents=False, lowercase=False)
+    one_space = normalizers.Replace(Regex(" {2,}"), " ")  # the spaces put around neighbouring characters, once
+    norm = normalizers.Sequence([normalizers.NFKC(), cjk, one_space]
+                                + ([normalizers.Lowercase()] if lowercase else []))
     if kind == "bpe":
         tok = Tokenizer(models.BPE(unk_token=UNK))
         tok.normalizer = norm
@@ -90,7 +101,9 @@ def load_tokenizer(path: str | Path, max_len: int) -> Tokenizer:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: tokenizer file missing; a text run keeps its tokenizer.json in the run folder")
-    return configure(Tokenizer.from_file(str(p)), max_len)
+    text = p.read_text(encoding="utf-8")
+    tok = NgramTokenizer.from_str(text) if is_ngram_file(text) else Tokenizer.from_str(text)
+    return configure(tok, max_len)
 
 
 def pad_batch(seqs: list[np.ndarray], pad_id: int = 0) -> np.ndarray:

@@ -32,6 +32,9 @@ def read_card(folder: str | Path) -> dict:
     missing = [k for k in ("file",) + (() if "io" in card else ("spec", "classes")) if k not in card]
     if missing:
         raise ValueError(f"{p}: missing keys {missing}; re-run `nnforge export {folder}`")
+    name = card["file"]
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ValueError(f"{p}: \"file\" must name a file in the run folder itself, got {name!r}")
     return card
 
 
@@ -40,6 +43,28 @@ def card_io(card: dict) -> dict:
     if "io" in card:
         return card["io"]
     return {"verb": "predict", "input": card["spec"], "output": {"kind": "probs", "classes": card["classes"]}}
+
+
+def run_io(folder: str | Path) -> dict | None:
+    """What RUN's model takes and returns (its io), read without loading it: from model.json, else from the best
+    checkpoint's header (no tensors read, no PyTorch needed); None when neither can be read."""
+    folder = Path(folder)
+    try:
+        return card_io(read_card(folder))
+    except (FileNotFoundError, ValueError, KeyError):
+        pass
+    try:
+        import safetensors
+
+        with safetensors.safe_open(str(folder / "checkpoints" / "best.safetensors"), framework="numpy") as f:
+            meta = json.loads((f.metadata() or {}).get("nnforge", "{}"))
+    except Exception:  # noqa: BLE001 - an unreadable run is the loader's to report, with its own message
+        return None
+    if "io" in meta:
+        return meta["io"]
+    if "spec" in meta and "classes" in meta:
+        return {"verb": "predict", "input": meta["spec"], "output": {"kind": "probs", "classes": meta["classes"]}}
+    return None
 
 
 def ort_session(path: str | Path, threads: int = 0):

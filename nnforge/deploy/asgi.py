@@ -71,6 +71,31 @@ class BodyLimit:
         await self.app(scope, counting_receive, guarded_send)
 
 
+def host_name(value: str) -> str:
+    """The name part of a Host header: "localhost:8000" -> "localhost", "[::1]:8000" -> "::1"."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class HostCheck:
+    """421 for a Host header that is not one of `allowed`: a page on another site that points a name it controls at
+    127.0.0.1 (DNS rebinding) must not reach a loopback server that trusts the machine. `allowed` None: any host."""
+
+    def __init__(self, app, allowed: set[str] | None):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.allowed is not None:
+            host = host_name(_header(scope, b"host") or "")
+            if host not in self.allowed:
+                names = ", ".join(sorted(self.allowed))
+                return await _send_json(send, 421, f"Host {host!r} is not served here; expected one of {names} "
+                                                   "(add names with --allowed-hosts)")
+        await self.app(scope, receive, send)
+
+
 class BearerAuth:
     """Every path except /health needs `Authorization: Bearer <token>` when a token is set."""
 

@@ -112,7 +112,7 @@ def load_engine(run: str | Path, backend: str = "auto", int8: bool = False, devi
             return session.run(None, {name: x})[0]
 
         engine = Engine(run, "onnx-int8" if int8 else "onnx", card.get("model", "?"), sha256_file(path)[:12], io,
-                        build_input(io["input"], run), build_output(io["output"]), forward, card.get("input", {}))
+                        build_input(io["input"], run), build_output(io["output"], run), forward, card.get("input", {}))
     else:
         import torch
 

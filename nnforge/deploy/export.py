@@ -7,7 +7,9 @@ writes RUN/model.onnx (the input kind's dynamic axes: the batch, and for text th
 (the run's io: input and output kinds, e.g. class names; opset, parity figures), and RUN/model.int8.onnx with
 --quantize int8. Any task's run exports the same way: the model comes from `nnforge.load`, is traced on its input
 kind's example batch and checked on the run's held-out items (or synthetic inputs), through the same input kind
-that `predict` and `serve` use. A model whose outputs drift past the tolerance is not kept.
+that `predict` and `serve` use. A model whose outputs drift past the tolerance is not kept. A run may declare more
+entry points of its model in io "graphs" (a recommender's item tower): each becomes RUN/<name>.onnx, checked the
+same way, and is listed in model.json.
 
 Exporter: torch.export (`dynamo=True`) first. The legacy TorchScript tracer is faster but bakes shapes into
 attention reshapes (a TransformerEncoder exported with a dynamic sequence axis fails at other lengths), and it is
@@ -174,15 +176,16 @@ def export_onnx(run_path: str | Path, opset: int | None = None, quantize: str | 
         real_opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
         session = ort_session(tmp)
         split, arrays, labels = held_out(run, pre, INT8_EVAL_LIMIT if quantize else PARITY_LIMIT)
-        if not arrays:  # a run without a split record (copied by hand): synthetic inputs still catch drift
-            _log("export: no held-out items in split.json; checking parity on synthetic inputs")
-            split, arrays = "synthetic", pre.synthetic()
+        if not arrays:  # no split record (a policy, a run copied by hand): recorded or synthetic inputs
+            split, arrays = pre.parity_inputs(run.path)
+            _log(f"export: no held-out items in split.json; checking parity on {split} inputs")
         check = parity(model, session, _batches(pre, arrays[:PARITY_LIMIT]), output)
         check.update(split=split, tolerance=tolerance, min_agreement=MIN_AGREEMENT)
         bound = tolerance * check["logit_scale"]
         agreement = check["top1_agreement"]
         if check["max_abs_diff"] > bound or (agreement is not None and agreement < MIN_AGREEMENT):
-            agreed = "" if agreement is None else f", top-1 agreement {agreement:.2%} (needed {MIN_AGREEMENT:.0%})"
+            agreed = ("" if agreement is None else
+                      f", {output.agreement_name} {agreement:.2%} (needed {MIN_AGREEMENT:.0%})")
             raise ExportError(
                 f"{run.path}: ONNX Runtime disagrees with PyTorch on {check['items']} {split} items: largest "
                 f"|output difference| {check['max_abs_diff']:.3g} (allowed {bound:.3g}){agreed}; exporter "
@@ -190,7 +193,7 @@ def export_onnx(run_path: str | Path, opset: int | None = None, quantize: str | 
         tmp.replace(final)
     finally:
         tmp.unlink(missing_ok=True)
-    agreed = "" if agreement is None else f", top-1 agreement {agreement:.2%}"
+    agreed = "" if agreement is None else f", {output.agreement_name} {agreement:.2%}"
     _log(f"export: {final} ({final.stat().st_size / 1e6:.2f} MB, {used} exporter, opset {real_opset}, "
          f"{export_s:.1f}s); parity on {check['items']} {split} items: max |diff| {check['max_abs_diff']:.2e}"
          f"{agreed}")
@@ -213,8 +216,26 @@ def export_onnx(run_path: str | Path, opset: int | None = None, quantize: str | 
     elif (run.path / INT8_FILE).exists():  # made from an older model.onnx: it would no longer match the card
         (run.path / INT8_FILE).unlink()
         _log(f"export: removed the stale {run.path / INT8_FILE} (pass --quantize int8 to make a new one)")
+    graphs = loaded.io.get("graphs") or {}
+    if graphs:
+        card["graphs"] = {name: export_entry(run, loaded.model, name, spec, opset, exporter, tolerance)
+                          for name, spec in graphs.items()}
     atomic_write_bytes(run.path / CARD_FILE, json.dumps(card, indent=2).encode())
+    _track(run, [final, run.path / CARD_FILE])
     return card
+
+
+def _track(run: Run, files: list[Path]) -> None:
+    """The export joins the run's MLflow / W&B runs (meta.json "tracking"), when it was trained with --track."""
+    from nnforge.engine.tracking import reopen
+
+    try:
+        meta = run.read_json("meta.json")
+    except FileNotFoundError:
+        return
+    for t in reopen(meta, run.path):
+        t.artifacts(files)
+        t.close()
 
 
 def _quantize_and_compare(folder: Path, fp32_session, batches, labels, loaded: Loaded, split) -> dict:
@@ -238,6 +259,47 @@ def _quantize_and_compare(folder: Path, fp32_session, batches, labels, loaded: L
         _log(f"export: {dst} ({out['mb']:.2f} MB); no labelled held-out split to measure accuracy on; "
              f"top-1 agreement with fp32 {agree:.2%}")
     return out
+
+
+class _Entry(torch.nn.Module):
+    """One more entry point of a model as a module of its own, for the exporter."""
+
+    def __init__(self, model: torch.nn.Module, method: str):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model, self.method)(x)
+
+
+def export_entry(run: Run, model: torch.nn.Module, name: str, spec: dict, opset: int | None, exporter: str,
+                 tolerance: float) -> dict:
+    """A further entry point the run declares in its io "graphs" (a recommender's item tower: text embedding ->
+    item vector) -> RUN/<name>.onnx, traced on its own input kind and checked for parity like model.onnx."""
+    from nnforge.data.inputs import build_input
+    from nnforge.outputs import build_output
+
+    method = spec.get("method")
+    if not (isinstance(name, str) and name.isidentifier() and isinstance(method, str) and not method.startswith("_")
+            and callable(type(model).__dict__.get(method))):  # the run is data: only the model class's own methods
+        raise ExportError(f"{run.path}: io graph {name!r} names {method!r}, not a method of {type(model).__name__}")
+    entry = _Entry(model, method).eval()
+    pre = build_input(spec["input"], run.path)
+    final, tmp = run.path / f"{name}.onnx", run.path / f".{name}.onnx.tmp"
+    try:
+        used = _export_graph(entry, torch.from_numpy(trace_example(pre)), pre.dynamic_axes, "output", tmp, opset,
+                             exporter)
+        check = parity(entry, ort_session(tmp), _batches(pre, pre.synthetic(64)), build_output(spec["output"]))
+        if check["max_abs_diff"] > tolerance * check["logit_scale"]:
+            raise ExportError(f"{run.path}: {name}.onnx disagrees with PyTorch by {check['max_abs_diff']:.3g} "
+                              f"(allowed {tolerance * check['logit_scale']:.3g}); it was not written")
+        tmp.replace(final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _log(f"export: {final} ({method}, {used} exporter); parity on {check['items']} synthetic inputs: max |diff| "
+         f"{check['max_abs_diff']:.2e}")
+    return {"file": final.name, "method": method, "input": spec["input"], "output": spec["output"],
+            "exporter": used, "parity": check, "sha256": sha256_file(final)}
 
 
 def parity_onnx(a, b, batches: list[np.ndarray]) -> float:

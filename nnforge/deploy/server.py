@@ -42,13 +42,14 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
-from nnforge.data.inputs import InputError, InputKind, TooManyInputs
+from nnforge.data.inputs import InputError, InputKind, TooManyInputs, input_kind
 from nnforge.deploy.apidocs import api_reference_html
-from nnforge.deploy.asgi import BearerAuth, BodyLimit, Metrics
+from nnforge.deploy.artifacts import run_io
+from nnforge.deploy.asgi import BearerAuth, BodyLimit, HostCheck, Metrics
 from nnforge.deploy.batching import MicroBatcher, QueueFull
 from nnforge.deploy.engine import Engine, load_engine
 from nnforge.deploy.prom import CONTENT_TYPE, MULTIPROC_ENV, ServerMetrics, multiprocess_mode
-from nnforge.deploy.settings import ServeSettings, default_threads
+from nnforge.deploy.settings import ServeSettings, allowed_host_names, default_threads, reload_root
 
 log = logging.getLogger("nnforge.serve")
 SETTINGS_ENV = "NNFORGE_SERVE_SETTINGS"  # how `--workers N` hands the settings to each worker process
@@ -163,15 +164,6 @@ class ReloadRequest(BaseModel):
     backend: Literal["auto", "onnx", "torch"] | None = None
 
 
-_PREDICT_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-    "application/json": {"schema": {"type": "object", "properties": {
-        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
-        "texts": {"type": "array", "items": {"type": "string"}}}}},
-    "image/png": {"schema": {"type": "string", "format": "binary"}}}}}
-
-
 _JSON_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
@@ -268,6 +260,7 @@ def create_app(settings: ServeSettings, on_fatal=None):
     """
     settings.check()
     state = _State(settings)
+    io = run_io(settings.run)
 
     async def first_load():
         try:
@@ -317,7 +310,9 @@ def create_app(settings: ServeSettings, on_fatal=None):
             return _error(503, state.error or "loading the model", {"Retry-After": "1"})
         return {"ready": True, "model": state.engine.name, "version": state.engine.version}
 
-    @app.get("/metrics", summary="Prometheus metrics (text format)")
+    @app.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response,
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}})
     async def metrics():
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -354,8 +349,9 @@ def create_app(settings: ServeSettings, on_fatal=None):
             return _error(400, "the client went away before sending the whole body")
         finally:
             state.predicting -= 1
+        asked = {"inputs": arrays} if engine.output.takes_inputs else {}  # answers that depend on the question
         rows = engine.output.rows([name for name, _ in items], engine.output.finish(outputs),
-                                  top_k=top_k or settings.top_k)
+                                  top_k=top_k or settings.top_k, **asked)
         # a JSONResponse as is: FastAPI's encoder would walk every float again (a fifth of a small request's cost)
         return JSONResponse({"model": engine.name, "version": engine.version, "backend": engine.backend,
                              engine.output.response_key: rows})
@@ -372,33 +368,58 @@ def create_app(settings: ServeSettings, on_fatal=None):
         async def handler(request: Request, top_k: int | None = Query(None, ge=1, le=1000)):
             return await answer(verb, request, top_k)
 
-        extra = _PREDICT_BODY if verb == "predict" else _JSON_BODY
-        responses = {**answers, 200: {"model": PredictResponse}} if verb == "predict" else answers
+        # the served run's own input kind says what its verb's body may be (the schema is that of the run the server
+        # started with; a reload to a run of another kind does not rewrite it)
+        served = io if io and io.get("verb", "predict") == verb else None
+        content = input_kind(served["input"]["kind"]).openapi_content(served["input"]) if served else None
+        extra = {"requestBody": {"required": True, "content": content}} if content else _JSON_BODY
+        classifier = served is not None and served["output"].get("kind") == "probs"
+        responses = {**answers, 200: {"model": PredictResponse}} if classifier else answers
         app.post(f"/v1/{verb}", summary=VERBS[verb], openapi_extra=extra, responses=responses,
                  name=verb)(handler)
 
     for verb in VERBS:
         route(verb)
 
+    root = reload_root(settings)
+
     @app.post("/v1/reload", summary="Load a model fully, warm it, then swap it in atomically",
-              responses={403: {"description": "no token and no --allow-reload: reloading is off"},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                  "type": "object", "properties": {"run": {"type": "string"},
+                                                   "backend": {"enum": ["auto", "onnx", "torch"]}}}}}}},
+              responses={400: {"description": "the body is not a JSON object of run and backend"},
+                         403: {"description": "reloading is off (no token, no --allow-reload), or the run is "
+                                              "outside the folder reloads may load from"},
                          409: {"description": "a reload is already running"},
+                         415: {"description": "the body is not application/json"},
                          422: {"description": "the new model failed to load; the old one keeps serving"}})
-    async def reload(req: ReloadRequest | None = None):
+    async def reload(request: Request):
         if not settings.token and not settings.allow_reload:  # with a token, BearerAuth has checked it already
             return _error(403, RELOAD_OFF)
-        req = req or ReloadRequest()
+        # JSON only: a page on another site can send a plain form or text POST without asking, not JSON
+        if (request.headers.get("content-type") or "").split(";")[0].strip().lower() != "application/json":
+            return _error(415, 'send a JSON body, e.g. {} or {"run": "runs/image/exp2", "backend": "onnx"}')
+        try:
+            req = ReloadRequest(**json.loads(await request.body() or b"{}"))
+        except (ValueError, TypeError, RecursionError) as err:
+            return _error(400, f"expected a JSON object with optional run and backend ({type(err).__name__})")
         if state.reload_lock.locked():
             return _error(409, "a reload is already running; try again when it has finished")
         async with state.reload_lock:
             old = state.engine
             run = req.run or (str(old.run) if old else settings.run)
+            resolved = Path(run).resolve()
+            if resolved != Path(settings.run).resolve() and not resolved.is_relative_to(root):
+                state.metrics.reloads.labels("refused").inc()
+                log.warning("reload refused: %s is outside %s", run, root)
+                return _error(403, f"reloads load runs under {root} only (set with --reload-root)")
             try:
-                new = await asyncio.to_thread(state.load, run, req.backend or settings.backend)
-            except Exception as err:  # a bad folder must not take the server down
+                new = await asyncio.to_thread(state.load, str(resolved), req.backend or settings.backend)
+            except Exception as err:  # a bad folder must not take the server down; the caller learns no paths
                 state.metrics.reloads.labels("failed").inc()
+                log.error("reload of %s failed: %s: %s", run, type(err).__name__, err)
                 still = f"still serving version {old.version}" if old else "no model is being served"
-                return _error(422, f"reload of {run} failed ({type(err).__name__}: {err}); {still}")
+                return _error(422, f"reload failed ({type(err).__name__}; the server log has the details); {still}")
             state.use(new)
             state.metrics.reloads.labels("ok").inc()
             _announce_reload(state, run, req.backend or settings.backend)
@@ -408,9 +429,10 @@ def create_app(settings: ServeSettings, on_fatal=None):
         return {"model": new.name, "version": new.version, "backend": new.backend,
                 "previous_version": old.version if old else None, "load_seconds": round(new.load_seconds, 3)}
 
-    # outermost first: metrics see every answer, auth runs before anything reads the body
+    # outermost first: metrics see every answer; the Host and the token are checked before anything reads the body
     limited = BodyLimit(app, int(settings.max_body_mb * 2**20))
-    return Metrics(BearerAuth(limited, settings.token), state.metrics, ROUTES)
+    guarded = HostCheck(BearerAuth(limited, settings.token), allowed_host_names(settings))
+    return Metrics(guarded, state.metrics, ROUTES)
 
 
 # ---------------------------------------------------------------------------------------------------------------

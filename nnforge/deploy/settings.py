@@ -18,6 +18,8 @@ class ServeSettings:
     workers: int = 1
     token: str | None = None          # bearer token; required when host is not a loopback address
     allow_reload: bool = False        # POST /v1/reload without a token (with one, the token guards it)
+    reload_root: str | None = None    # reloads may name runs under this folder only; None: the served run's parent
+    allowed_hosts: tuple[str, ...] = ()  # Host header names accepted besides the bound address and loopback names
     backend: str = "auto"             # auto: ONNX Runtime when RUN/model.onnx exists, else PyTorch
     int8: bool = False                # serve RUN/model.int8.onnx
     device: str = "auto"              # PyTorch backend only
@@ -47,6 +49,21 @@ class ServeSettings:
         if not is_loopback(self.host) and not self.token:
             raise ValueError(f"serve: binding to {self.host} exposes the model beyond this machine; set a bearer "
                              "token with --token or the NNFORGE_TOKEN environment variable")
+
+
+def allowed_host_names(settings: ServeSettings) -> set[str] | None:
+    """The Host header names the server answers: on a loopback bind its own names plus --allowed-hosts (DNS
+    rebinding cannot reach it); on another bind, where a token is required, any name unless --allowed-hosts."""
+    extra = {h.strip().lower() for h in settings.allowed_hosts if h.strip()}
+    if is_loopback(settings.host):
+        return {"localhost", "127.0.0.1", "::1", settings.host.lower(), *extra}
+    return ({settings.host.lower(), *extra} if extra else None)
+
+
+def reload_root(settings: ServeSettings) -> str:
+    from pathlib import Path
+
+    return str(Path(settings.reload_root or Path(settings.run).resolve().parent).resolve())
 
 
 def is_loopback(host: str) -> bool:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from nnforge.config import ConfigError, EngineConfig
+from nnforge.engine import distributed
 from nnforge.engine.checkpoint import load_checkpoint, save_checkpoint
 from nnforge.engine.device import autocast, resolve_precision
 from nnforge.engine.errors import TrainingDiverged, TrainingInterrupted
@@ -235,10 +236,12 @@ def _channels_last(batch):
 
 
 def fit(trainable: Trainable, cfg: EngineConfig, run: Run, *, device: torch.device,
-        resume_from: str | None = None) -> TrainState:
+        resume_from: str | None = None, on_epoch: Callable[[dict], None] | None = None) -> TrainState:
     """Train for cfg.epochs, validating, logging and checkpointing after every epoch.
 
     resume_from: a checkpoint path to continue from (modules, optimizers, EMA, RNG, step, epoch, sums, task state).
+    on_epoch: called with each epoch's metrics row once its checkpoint is written (a tuner's pruner reads it; an
+    exception it raises ends the run there, the checkpoints intact).
     """
     t = trainable
     bad = [n for n in t.modules if n in RESERVED or "." in n]
@@ -266,23 +269,32 @@ def fit(trainable: Trainable, cfg: EngineConfig, run: Run, *, device: torch.devi
         t.state.update(meta.get("task_state") or {})
         run.truncate_metrics(state.epoch)
     trained = {n: m for n, m in modules.items() if n not in emas}
-    views = {n: torch.compile(m) for n, m in trained.items()} if cfg.compile else dict(trained)
+    world = distributed.world()
+    if resume_from and not world.main:
+        state.sums, state.seen = {}, 0  # the checkpoint's sums are the whole world's: counted once, by rank 0
+    views = {n: world.wrap(m, device) for n, m in trained.items()}
+    views = {n: torch.compile(m) for n, m in views.items()} if cfg.compile else views
     views.update({n: e.model for n, e in emas.items()})
     ctx = StepContext(device, amp_dtype, opts, params, cfg.clip_grad)
     steps_per_epoch = len(t.source)
     total_steps = cfg.epochs * steps_per_epoch
     warmups = {n: int(s.warmup_epochs * steps_per_epoch) for n, s in t.optimizers.items()}
     prec = str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
-    print(f"training on {device} ({prec}{', channels_last' if channels_last else ''}): "
-          f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size}", file=sys.stderr)
+    procs = (f", {world.size} processes ({cfg.batch_size // world.size} rows of each batch per process, the lr "
+             "for the whole batch)" if world.distributed else "")
+    say = print if world.main else (lambda *a, **k: None)
+    say(f"training on {device} ({prec}{', channels_last' if channels_last else ''}): "
+        f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, batch {cfg.batch_size}{procs}", file=sys.stderr)
     if state.epoch >= cfg.epochs:
-        print(f"{run.path} already has {state.epoch} epochs; pass a larger --epochs to extend it", file=sys.stderr)
+        say(f"{run.path} already has {state.epoch} epochs; pass a larger --epochs to extend it", file=sys.stderr)
         return state
 
     def lrs_at(step: int) -> dict[str, float]:
         return {n: lr_at(step, total_steps, s.lr, warmups[n], s.schedule) for n, s in t.optimizers.items()}
 
     def save(*which: str) -> None:
+        if not world.main:
+            return
         tensors, extra = checkpoint_tensors(modules, opts)
         meta = dict(t.meta, state=asdict(state), config=cfg.model_dump(mode="json"), task_state=t.state, **extra)
         save_checkpoint([run.checkpoint(w) for w in which], tensors, meta)
@@ -300,7 +312,8 @@ def fit(trainable: Trainable, cfg: EngineConfig, run: Run, *, device: torch.devi
             sums = {k: torch.tensor(v, dtype=acc_dtype, device=device) for k, v in state.sums.items()}
             seen = seen_at_start = state.seen
             t0 = time.perf_counter()
-            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step", initial=state.batch_in_epoch)
+            bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", "step", initial=state.batch_in_epoch,
+                           quiet=not world.main)
             lrs = lrs_at(max(0, state.step - 1))  # logged if no step runs
             for batch in t.source.epoch(epoch, start=state.batch_in_epoch):
                 lrs = lrs_at(state.step)
@@ -309,7 +322,7 @@ def fit(trainable: Trainable, cfg: EngineConfig, run: Run, *, device: torch.devi
                         g["lr"] = lrs[name]
                 if channels_last:
                     batch = _channels_last(batch)
-                n, metrics = t.step(views, batch, ctx)
+                n, metrics = t.step(views, world.shard(batch), ctx)
                 for name, e in emas.items():
                     e.update(modules[t.ema[name]], state.step)
                 state.step += 1
@@ -319,7 +332,9 @@ def fit(trainable: Trainable, cfg: EngineConfig, run: Run, *, device: torch.devi
                 seen += n
                 if state.step % cfg.log_every == 0 or state.batch_in_epoch == steps_per_epoch:
                     names = list(sums)
-                    running = dict(zip(names, (torch.stack([sums[k] for k in names]) / seen).tolist(), strict=True))
+                    totals = world.sum(torch.stack([*(sums[k] for k in names), torch.tensor(
+                        float(seen), dtype=acc_dtype, device=device)]))  # one sync per interval, for every process
+                    running = dict(zip(names, (totals[:-1] / totals[-1]).tolist(), strict=True))
                     broken = {k: v for k, v in running.items() if not math.isfinite(v)}  # one sync per interval
                     if broken:
                         k, v = next(iter(broken.items()))
@@ -332,8 +347,9 @@ def fit(trainable: Trainable, cfg: EngineConfig, run: Run, *, device: torch.devi
                     rate = (seen - seen_at_start) / max(1e-9, time.perf_counter() - t0)
                     bar.update(0, **{k: f"{v:.4f}" for k, v in running.items()}, ex_s=f"{rate:.0f}")
                 bar.update(1)
-                if stop.requested:
-                    state.sums, state.seen = {k: v.item() for k, v in sums.items()}, seen
+                if world.any(stop.requested):  # a stop asked of any process stops them all at this step
+                    totals = {k: world.sum(v).item() for k, v in sums.items()}
+                    state.sums, state.seen = totals, int(world.sum(torch.tensor(seen)).item())
                     state.stopped = "interrupted"
                     state.elapsed_s = elapsed_at_start + time.perf_counter() - run_start
                     save("last")
@@ -344,7 +360,9 @@ def fit(trainable: Trainable, cfg: EngineConfig, run: Run, *, device: torch.devi
                     )
             bar.close()
             epoch_time = time.perf_counter() - t0
-            train = {f"train_{k}": v.item() / max(1, seen) for k, v in sums.items()}
+            seen = int(world.sum(torch.tensor(seen)).item())  # from here on, the whole world's counts
+            seen_at_start = int(world.sum(torch.tensor(seen_at_start)).item())
+            train = {f"train_{k}": world.sum(v).item() / max(1, seen) for k, v in sums.items()}
             broken = {k: v for k, v in train.items() if not math.isfinite(v)}
             if broken:
                 raise TrainingDiverged(f"{next(iter(broken))} became {next(iter(broken.values()))} in epoch "
@@ -359,7 +377,8 @@ def fit(trainable: Trainable, cfg: EngineConfig, run: Run, *, device: torch.devi
             row = {"epoch": state.epoch, "step": state.step, **lr_cols, **train, **val,
                    "epoch_time_s": round(epoch_time, 3), "elapsed_s": round(state.elapsed_s, 3),
                    "examples_per_s": round((seen - seen_at_start) / max(epoch_time, 1e-9), 1)}
-            run.log_metrics(row)
+            if world.main:
+                run.log_metrics(row)
             if cfg.monitor not in row:
                 logged = ", ".join(k for k in row if k not in ("epoch", "step"))
                 raise ConfigError(f"monitor '{cfg.monitor}' is not logged by this task; logged: {logged}")
@@ -376,10 +395,12 @@ def fit(trainable: Trainable, cfg: EngineConfig, run: Run, *, device: torch.devi
             eta = (time.perf_counter() - run_start) / done * (cfg.epochs - state.epoch)
             shown = " ".join(f"{k} {v:.4f}" for k, v in train.items())
             extra = " ".join(f"{k} {v:.4f}" for k, v in val.items())
-            print(f"epoch {state.epoch}/{cfg.epochs}  {shown}  {extra}  {row['examples_per_s']:.0f} ex/s  "
-                  f"{epoch_time:.1f}s{'  *best' if improved else ''}  ETA {_fmt_time(eta)}", file=sys.stderr)
+            say(f"epoch {state.epoch}/{cfg.epochs}  {shown}  {extra}  {row['examples_per_s']:.0f} ex/s  "
+                f"{epoch_time:.1f}s{'  *best' if improved else ''}  ETA {_fmt_time(eta)}", file=sys.stderr)
+            if on_epoch is not None and world.main:
+                on_epoch(row)
             if state.stopped == "early_stop":
-                print(f"early stop: {cfg.monitor} has not improved for {state.bad_epochs} epochs", file=sys.stderr)
+                say(f"early stop: {cfg.monitor} has not improved for {state.bad_epochs} epochs", file=sys.stderr)
                 break
     run.close()
     return state

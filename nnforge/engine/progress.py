@@ -9,9 +9,11 @@ from tqdm import tqdm
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, unit: str = "it", initial: int = 0, every_s: float = 30.0):
+    def __init__(self, total: int, desc: str, unit: str = "it", initial: int = 0, every_s: float = 30.0,
+                 quiet: bool = False):
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
-        self.tty = sys.stderr.isatty()
+        self.tty = sys.stderr.isatty() and not quiet
+        self.quiet = quiet  # e.g. every process but rank 0 of a distributed run: one voice is enough
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, mininterval=0.5,
                         leave=False) if self.tty else None
         self.t0 = self.last = time.perf_counter()
@@ -27,7 +29,7 @@ class Progress:
             self.bar.update(k)
             return
         now = time.perf_counter()
-        if now - self.last >= self.every_s:
+        if not self.quiet and now - self.last >= self.every_s:
             self.last = now
             rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
             eta = (self.total - self.n) / max(rate, 1e-9)

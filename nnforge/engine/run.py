@@ -49,11 +49,13 @@ class RunLocked(FileExistsError):
 
 
 class Run:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, writer: bool = True):
         self.path = Path(path)
+        self.writer = writer  # False: a process of a distributed run other than rank 0, which writes nothing
         self._tb = None
         self._lock_fd: int | None = None
         self.created = False  # this process made the folder (a failed start may remove it again)
+        self.trackers: list = []  # MLflow / W&B runs that also get every metrics row (engine/tracking.py)
 
     @classmethod
     def create(cls, out: str | Path, task: str, name: str | None = None) -> Run:
@@ -123,6 +125,8 @@ class Run:
 
     def write_json(self, name: str, obj: Any) -> Path:
         p = self.path / name
+        if not self.writer:
+            return p
         atomic_write_bytes(p, json.dumps(obj, indent=2, default=str).encode())
         return p
 
@@ -139,12 +143,17 @@ class Run:
     # --- metrics -----------------------------------------------------------------------------------------
     def log_metrics(self, row: dict[str, Any]) -> None:
         """Append one row to metrics.csv (header from the first row) and the same scalars to TensorBoard."""
+        if not self.writer:
+            return
         self._append_csv(self.path / "metrics.csv", row)
+        for tracker in self.trackers:
+            tracker.metrics(row, step=int(row.get("epoch", row.get("step", 0))))
         tb = self._writer()
         if tb is not None:
             step = int(row.get("step", row.get("epoch", 0)))
             for k, v in row.items():
-                if isinstance(v, int | float) and k not in ("epoch", "step"):
+                # a NaN cell is a metric this row did not measure (an RL run's evaluation return): no point
+                if isinstance(v, int | float) and k not in ("epoch", "step") and v == v:
                     tb.add_scalar(k, v, step)
             tb.flush()
 
@@ -155,10 +164,11 @@ class Run:
         with p.open() as f:
             return list(csv.DictReader(f))
 
-    def truncate_metrics(self, epochs_done: int) -> None:
-        """On resume, drop rows for epochs the checkpoint does not cover (written after it, before a crash)."""
+    def truncate_metrics(self, epochs_done: int, column: str = "epoch") -> None:
+        """On resume, drop rows for epochs (or another counter: an RL run's steps) the checkpoint does not cover
+        (written after it, before a crash)."""
         rows = self.read_metrics()
-        keep = [r for r in rows if int(r["epoch"]) <= epochs_done]
+        keep = [r for r in rows if int(float(r[column])) <= epochs_done]
         if len(keep) == len(rows):
             return
         p = self.path / "metrics.csv"

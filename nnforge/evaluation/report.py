@@ -31,7 +31,8 @@ from nnforge.evaluation._html import esc, na
 
 SECTIONS = (("summary", "Summary"), ("data", "Data"), ("curves", "Training curves"), ("metrics", "Metrics"),
             ("confusion", "Confusion"), ("calibration", "Calibration"), ("mistakes", "Worst mistakes"))
-KEY_CONFIG = ("data", "model", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "schedule",
+KEY_CONFIG = ("data", "env", "algo", "preset", "steps", "envs", "model", "epochs", "batch_size", "optimizer", "lr",
+              "weight_decay", "schedule",
               "warmup_epochs", "label_smoothing", "img_size", "ema", "early_stop", "monitor", "class_weights",
               "sampler", "precision", "pretrained", "weights", "seed")
 LIST_MAX = 50  # rows of skipped files / duplicates shown before "and N more"
@@ -411,12 +412,15 @@ def _sections(files: _RunFiles) -> list[tuple[str, str, Callable[[_RunFiles], st
     skip = set() if files.classifier else {"confusion", "calibration", "mistakes"}
     if files.data is None and not files.classifier:
         skip.add("data")  # a task that keeps no data report (an environment, generated data)
-    out = [(sid, title, *BUILDERS[sid]) for sid, title in SECTIONS if sid not in skip]
-    for e in files.sections or []:
-        if isinstance(e, dict) and e.get("id"):
-            out.append((f"task-{e['id']}", str(e.get("title", e["id"])),
-                        lambda f, e=e: _task_section(f, e), f"eval/{e.get('file')}"))
-    return out
+    own = {e["id"]: e for e in files.sections or [] if isinstance(e, dict) and e.get("id")}
+
+    def task(e: dict):
+        return (f"task-{e['id']}", str(e.get("title", e["id"])), lambda f: _task_section(f, e), f"eval/{e.get('file')}")
+
+    # a task section with a generic section's id (an RL run's "curves" over environment steps) takes its place
+    out = [task(own.pop(sid)) if sid in own else (sid, title, *BUILDERS[sid]) for sid, title in SECTIONS
+           if sid not in skip or sid in own]
+    return out + [task(e) for e in own.values()]
 
 
 def write_report(run_dir: Path) -> Path:

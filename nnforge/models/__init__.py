@@ -4,7 +4,8 @@ Importing this package registers every built-in model; a family whose optional p
 nothing and says so only when one of its models is asked for.
 """
 
-from nnforge.models import cnn, efficientnet_lite, text  # noqa: F401  (their @register_model decorators run)
+# their @register_model decorators run on import
+from nnforge.models import cnn, efficientnet_lite, gan, policies, recsys, text  # noqa: F401
 from nnforge.models.registry import create_model, get_entry, list_models, model_options, register_model
 
 __all__ = ["create_model", "get_entry", "list_models", "model_options", "register_model"]

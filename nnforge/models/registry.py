@@ -18,6 +18,7 @@ import fnmatch
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from torch import nn
 
@@ -40,22 +41,35 @@ class ModelEntry:
     doc: str
     data_args: frozenset[str]  # keyword arguments the task fills from the data
     pretrained_norm: dict | None = None  # what the published weights expect of their inputs
+    recipe: dict | None = None  # config values this model trains well with, used where the user set none
 
     @property
     def family(self) -> str:  # "image" / "text" for classifiers, else the task
         return self.input or self.task
 
 
+@runtime_checkable
+class LearnsFromData(Protocol):
+    """A model with statistics of its training inputs to take before training (the n-gram model's idf weights)."""
+
+    def fit_to_data(self, inputs: list) -> None: ...
+
+
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(name: str, *, task: str, input: str | None = None, head: str | None = None,
-                   data_args: frozenset[str] = frozenset(), pretrained_norm: dict | None = None):
+                   data_args: frozenset[str] = frozenset(), pretrained_norm: dict | None = None,
+                   recipe: dict | None = None):
+    """recipe: the model's own training defaults (config field -> value: lr, batch_size, epochs, ...), applied where
+    the user set nothing; besides config fields it may hold min_steps (optimizer steps a run should get at least,
+    however small the data), max_epochs (the ceiling of that rule) and lr_max (a larger lr is warned about)."""
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _REGISTRY[name] = ModelEntry(name, fn, task, input, head, doc, frozenset(data_args), pretrained_norm)
+        _REGISTRY[name] = ModelEntry(name, fn, task, input, head, doc, frozenset(data_args), pretrained_norm,
+                                     dict(recipe or {}))
         return fn
 
     return deco

