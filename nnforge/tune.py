@@ -92,7 +92,7 @@ def tune(task: str, space: str | Path, trials: int = 20, config: str | Path | No
         import optuna
     except ImportError:
         raise RuntimeError("nnforge tune needs Optuna: pip install 'nnforge[tune]' (or pip install optuna)") from None
-    from nnforge import api
+    from nnforge.tasks.base import train_run
 
     _, cls = train_target(task)
     space_spec = read_space(space, cls)
@@ -127,7 +127,8 @@ def tune(task: str, space: str | Path, trials: int = 20, config: str | Path | No
 
         print(f"tune: trial {trial.number}: {values}", file=sys.stderr, flush=True)
         try:
-            run = api.train(task, config=config, on_epoch=report, **{**values, "name": f"{name}-t{trial.number}"})
+            trial_cfg = load_config(cls, config, {**values, "name": f"{name}-t{trial.number}"})
+            run = train_run(task, trial_cfg, on_epoch=report)
         except TrainingDiverged as err:  # a recipe that diverges is a bad recipe, not a broken tuner
             raise optuna.TrialPruned(f"diverged: {err}") from None
         trial.set_user_attr("run", str(run.path))
