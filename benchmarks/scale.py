@@ -47,7 +47,7 @@ def cmd_tune(a) -> None:
     out.mkdir(parents=True, exist_ok=True)
     space.write_text(yaml.safe_dump(SPACE))
     t0 = time.perf_counter()
-    default = cli("train", "image", "--data", a.data, "--out", out, "--name", "default", "--seed", a.seed)
+    cli("train", "image", "--data", a.data, "--out", out, "--name", "default", "--seed", a.seed)
     default_s = time.perf_counter() - t0
     default_acc = json.loads((out / "image" / "default" / "eval" / "report.json").read_text())["accuracy"]
     t0 = time.perf_counter()
