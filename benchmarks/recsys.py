@@ -299,7 +299,7 @@ def report(results: dict, seeds: list[int], a) -> None:
     if "bpr" in main and "recbole_bpr" in main:
         ratio = statistics.mean(a["seconds"] for a in main["bpr"]) / statistics.mean(
             b["seconds"] for b in main["recbole_bpr"])
-        print(f"\nnforge BPR / RecBole BPR whole-run time: {ratio:.2f}x (same split, same machine, interleaved)")
+        print(f"\nnnforge BPR / RecBole BPR whole-run time: {ratio:.2f}x (same split, same machine, interleaved)")
     print(f"RecBole's published quick-start BPR on ml-100k (its own split): Recall@10 {PUBLISHED['recall@10']}, "
           f"NDCG@10 {PUBLISHED['ndcg@10']}")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, BeforeValidator
 
+from nnforge.cli_loop import LOOP_COMMANDS, add_loop_commands
 from nnforge.tasks import train_targets
 
 
@@ -175,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = serve_defaults()
     sv = sub.add_parser("serve", help="HTTP API: micro-batching, /health /ready /metrics /v1/predict",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sv.add_argument("run", help="run folder (served with ONNX Runtime when it holds model.onnx)")
+    sv.add_argument("run", help="run folder (served with ONNX Runtime when it holds model.onnx), or a registered "
+                                "model: NAME@champion or NAME@challenger (followed as the alias moves), NAME@VERSION")
+    sv.add_argument("--registry", help="SQLAlchemy URL of the registry store that NAME@ALIAS is looked up in "
+                                       "(default: $NNFORGE_REGISTRY, else runs/registry.db)")
     sv.add_argument("--host", default=d["host"], help="any non-loopback address needs a token")
     sv.add_argument("--port", type=int, default=d["port"], help="TCP port")
     sv.add_argument("--workers", type=int, default=d["workers"],
@@ -204,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=int, default=d["threads"],
                     help="inference threads per worker; 0: the worker's share of the cores it may run on (taskset)")
     sv.add_argument("--access-log", action="store_true", help="log every request")
+    sv.add_argument("--capture", metavar="DIR", help="keep inputs the model is unsure of, plus a random sample, in "
+                                                     "this capture store (for `nnforge label`); off by default, "
+                                                     "since inputs may be private")
+    sv.add_argument("--capture-threshold", type=float, default=d["capture_threshold"],
+                    help="capture inputs whose top probability is below this")
+    sv.add_argument("--capture-margin", type=float, default=d["capture_margin"],
+                    help="capture inputs whose top-two probability margin is below this")
+    sv.add_argument("--capture-sample", type=float, default=d["capture_sample"],
+                    help="share of the other inputs captured at random (an unbiased sample of the traffic)")
+    sv.add_argument("--capture-max-mb", type=float, default=d["capture_max_mb"],
+                    help="the store's size bound; the oldest unlabelled items are dropped first")
 
     dr = sub.add_parser("doctor", help="check data, model and recipe before a long run (PASS/WARN/FAIL)",
                         conflict_handler="resolve")  # the train options of every task, shared ones once
@@ -222,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--output", help="JSON file to write (default: RUN_A/compare_<RUN_B name>.json)")
     cp.add_argument("--threshold", type=float, default=0.01, help="F1 change that counts as a class changing")
 
+    add_loop_commands(sub)
     lm = sub.add_parser("list-models", help="registered models, grouped by task")
     lm.add_argument("pattern", nargs="?", default="*")
     lm.add_argument("--task", help="only this task's models (classify, ...)")
@@ -382,8 +398,23 @@ def _cmd_export(a) -> int:
 def _cmd_serve(a) -> int:
     from nnforge import api
 
-    options = {k: v for k, v in vars(a).items() if k not in ("command", "run", "host", "port", "workers", "token")}
-    api.serve(a.run, a.host, a.port, a.workers, a.token, **options)
+    skip = ("command", "run", "host", "port", "workers", "token", "registry")
+    options = {k: v for k, v in vars(a).items() if k not in skip}
+    run = a.run
+    if "@" in run and not Path(run).exists():  # NAME@ALIAS or NAME@VERSION of the registry
+        from nnforge.loop.registry import Registry
+
+        registry = Registry(a.registry)
+        version = registry.get(run)
+        registry.sync_pointers(version.name)  # repairs a pointer a crash left behind before anyone follows it
+        which = run.partition("@")[2]
+        if not which.isdigit():
+            options["follow"] = str(registry.pointer(version.name, which))
+        aliases = f" ({', '.join(version.aliases)})" if version.aliases else ""
+        print(f"serving {version.ref}{aliases}: {version.run}"
+              + (f", following {options['follow']}" if "follow" in options else ""), file=sys.stderr)
+        run = version.run
+    api.serve(run, a.host, a.port, a.workers, a.token, **options)
     return 0
 
 
@@ -428,7 +459,7 @@ COMMANDS = {"train": _cmd_train, "tune": _cmd_tune, "evaluate": _cmd_evaluate, "
             "recommend": _cmd_recommend, "add-items": _cmd_add_items,
             "play": _cmd_play,
             "list-models": _cmd_list_models, "doctor": _cmd_doctor, "compare": _cmd_compare,
-            "export": _cmd_export, "serve": _cmd_serve}
+            "export": _cmd_export, "serve": _cmd_serve, **LOOP_COMMANDS}
 
 
 _ARGV: list[str] = []  # this invocation's arguments, for `--nproc`, which runs the same command under torchrun

@@ -501,6 +501,33 @@ class RLConfig(EngineConfig):
         return {**values, **data, "preset": name}
 
 
+class LoopConfig(_Config):
+    """nnforge loop NAME --config loop.yaml: when to retrain, how to judge, whom to tell."""
+
+    labels: list[str]
+    """Capture folders whose labelled items feed retraining (`nnforge serve NAME@champion --capture DIR`)."""
+    min_new_labels: int = 100
+    """Retrain once this many labelled items are new to the champion's lineage."""
+    every: float | None = None
+    """Also retrain when this many seconds have passed since the last round and at least one label is new."""
+    poll_s: float = 60.0
+    """Seconds between checks for new labels."""
+    max_rounds: int | None = None
+    """Stop after this many rounds (null: run until interrupted)."""
+    tolerance: float = 0.01
+    """Largest holdout (and fresh-slice) accuracy drop a challenger may have and still be promoted."""
+    class_tolerance: float = 0.05
+    """Largest drop of any class's holdout recall a challenger may have and still be promoted."""
+    new_weight: float = 0.3
+    """Share of the training examples the new labels make up after oversampling (at most 20 copies each)."""
+    retrain: dict[str, Any] = {}
+    """Config fields that win over the champion's when retraining, e.g. {epochs: 3}."""
+    reload: list[str] = []
+    """Server URLs to POST /v1/reload after a promotion (servers of NAME@champion follow the registry anyway)."""
+    token: str | None = None
+    """Bearer token for those servers (default: $NNFORGE_TOKEN)."""
+
+
 def _explain(cls: type[BaseModel], err: ValidationError) -> str:
     lines = []
     for e in err.errors():

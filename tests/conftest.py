@@ -1,15 +1,24 @@
-"""Shared fixtures: a small PNG class-folder tree with bad files in it, and a tiny trained image run."""
+"""Shared fixtures: a small PNG class-folder tree with bad files in it, and a tiny trained image run; and the
+helpers that start `nnforge serve` as a real process and wait for what a test needs (Server, wait_for, scrape)."""
 
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 os.environ.setdefault("NNFORGE_CACHE", str(Path(__file__).parent.parent / ".cache" / "test-cache"))
+ROOT = Path(__file__).resolve().parent.parent
 
 CLASSES = ["circle", "cross", "stripes"]
 
@@ -66,3 +75,86 @@ def builtin_models(input: str) -> list[str]:
     from nnforge.models import get_entry, list_models
 
     return [n for n in list_models(task="classify", input=input) if get_entry(n).fn.__module__.startswith("nnforge.")]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a real server process (tests/test_server.py, tests/test_capture_serve.py)
+
+DEADLINE = 120.0  # seconds to wait for anything: generous, since a condition that holds ends the wait at once
+
+
+def get(url: str, **kwargs) -> httpx.Response:
+    return httpx.get(url, timeout=DEADLINE, **kwargs)
+
+
+def post(url: str, **kwargs) -> httpx.Response:
+    return httpx.post(url, timeout=DEADLINE, **kwargs)
+
+
+def wait_for(condition, what, every: float = 0.02):
+    """condition()'s first truthy value, polled every `every` seconds; the test fails after DEADLINE, saying `what`
+    (a string, or a function that returns one)."""
+    end = time.monotonic() + DEADLINE
+    while not (value := condition()):
+        if time.monotonic() > end:
+            pytest.fail(f"waited {DEADLINE:g}s for {what() if callable(what) else what}")
+        time.sleep(every)
+    return value
+
+
+def scrape(url: str, headers: dict | None = None, client: httpx.Client | None = None) -> dict[tuple, float]:
+    """/metrics as {(sample name, sorted label pairs): value}."""
+    text = (client.get("/metrics", headers=headers) if client else get(url + "/metrics", headers=headers)).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(metrics: dict[tuple, float], name: str, **labels: str) -> float:
+    """One sample; 0 when absent (a counter no request has touched yet)."""
+    return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m nnforge.cli serve RUN ...` in a subprocess, its output in a log file."""
+
+    def __init__(self, run: Path, log: Path, *args: str, env: dict | None = None):
+        self.port, self.log, self.terminated = free_port(), log, False
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nnforge.cli", "serve", str(run), "--port", str(self.port), *args],
+            cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_ready(self, headers: dict | None = None) -> Server:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                return get(self.url + "/ready", headers=headers).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, lambda: f"the server to be ready; its output so far:\n{self.output()}", every=0.1)
+        return self
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None and not self.terminated:  # once: a second SIGTERM during exit would kill it
+            self.proc.send_signal(signal.SIGTERM)
+            self.terminated = True
+
+    def stop(self) -> int:
+        self.terminate()
+        try:
+            return self.proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"server ignored SIGTERM for {DEADLINE:g}s:\n{self.output()}")

@@ -13,10 +13,10 @@ Three layouts, told apart by what the path holds:
                               genre flags named by u.genre) beside it
 
 Every file goes through data/tables.py (encodings, line numbers). Rows that cannot be used are skipped with their
-file and line: malformed lines, empty ids, ratings or timestamps that are not numbers, items missing from the item
-file; a user-item pair seen again keeps its first row and the repeat is reported. Ratings become implicit feedback
-with `min_rating` (kept: rating >= min_rating). Items listed in the item file without any interaction stay in the
-catalogue: a text-aware model can still recommend them.
+file and line (report["skipped"]): malformed lines, empty ids, ratings or timestamps that are not numbers, items
+missing from the item file, and a user-item pair seen again (its first row is kept). Ratings become implicit
+feedback with `min_rating` (kept: rating >= min_rating). Items listed in the item file without any interaction stay
+in the catalogue: a text-aware model can still recommend them.
 """
 
 from __future__ import annotations
@@ -303,7 +303,6 @@ def read_interactions(data: str | Path, items: str | Path | None = None, *, user
     item_index: dict[str, int] = {i: n for n, i in enumerate(item_table.ids)} if item_table is not None else {}
     users, items_, ratings, times = [], [], [], []
     seen: dict[tuple[int, int], int] = {}
-    repeats: list[dict] = []
     below = 0
     rc, tc = cols["rating"], cols["time"]
     for line, rec in table.rows:
@@ -332,10 +331,8 @@ def read_interactions(data: str | Path, items: str | Path | None = None, *, user
         ui = user_index.setdefault(u, len(user_index))
         ii = item_index.setdefault(i, len(item_index))
         if (ui, ii) in seen:
-            if len(repeats) < REPORT_MAX:
-                repeats.append({"path": where, "reason": f"user '{u}' and item '{i}' again (first on line "
-                                                         f"{seen[(ui, ii)]}); the first row is kept"})
-            skips.counts["repeated_pair"] = skips.counts.get("repeated_pair", 0) + 1
+            skips.add(where, f"user '{u}' and item '{i}' again (first on line {seen[(ui, ii)]}); the first row is "
+                             "kept", "repeated_pair")
             continue
         seen[(ui, ii)] = line
         users.append(ui)
@@ -358,13 +355,13 @@ def read_interactions(data: str | Path, items: str | Path | None = None, *, user
               "interactions": len(users), "users": len(user_index), "items": len(item_ids),
               "items_without_interactions": len(item_ids) - len(set(items_)),
               "rows_read": len(table.rows), "below_min_rating": below, "skipped_counts": skips.counts,
-              "skipped": skips.rows, "repeated_pairs": repeats}
+              "skipped": skips.rows}
     inter = Interactions(str(data), src.layout, list(user_index), item_ids, np.asarray(users, np.int64),
                          np.asarray(items_, np.int64), np.asarray(ratings, np.float32) if rc is not None else None,
                          np.asarray(times, np.float64) if tc is not None else None, titles, texts, report)
     dropped = sum(v for k, v in skips.counts.items())
     note = f"; {dropped} rows skipped or repeated (data_report.json lists them; first: " \
-           f"{(skips.rows or repeats)[0]['path']}: {(skips.rows or repeats)[0]['reason']})" if dropped else ""
+           f"{skips.rows[0]['path']}: {skips.rows[0]['reason']})" if dropped else ""
     log(f"data: {len(inter)} interactions of {len(user_index)} users with {len(item_ids)} items ({src.layout}"
         f"{', item text from ' + src.items.name if src.items else ', no item text'}"
         f"{f', {below} below --min-rating {min_rating:g} left out' if below else ''}){note}")

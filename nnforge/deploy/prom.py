@@ -13,7 +13,9 @@ callback at scrape time (the scrape happens in one worker, the value lives in an
 where its value changes. A single process keeps its values in memory, as prometheus_client does by default.
 
 Memory stays bounded: every label takes a bounded set of values (paths outside the server's routes share the
-label "other"; status codes; reload results; one model_info series per model version served).
+label "other"; status codes; reload results; one model_info series per model version served; capture reasons; the
+first MAX_CLASS_LABELS classes of each model served, the rest "other"; drift signals, and with several workers one
+pid per live worker).
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client import values as _values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "ServerMetrics", "multiprocess_mode"]
+__all__ = ["CONTENT_TYPE", "MAX_CLASS_LABELS", "MULTIPROC_ENV", "ServerMetrics", "multiprocess_mode"]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the drift reference's 10 bins
+MAX_CLASS_LABELS = 50  # classes named in nnforge_predictions_total; the others share "other"
 PAUSE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 disable_created_metrics()  # the *_created series: one more line per series that nobody here reads
@@ -78,6 +82,26 @@ class ServerMetrics:
                                   ["generation"], buckets=PAUSE_BUCKETS, registry=reg)
         self.loop_lag = Histogram("nnforge_event_loop_lag_seconds", "How late the event loop runs a timer.",
                                   buckets=PAUSE_BUCKETS, registry=reg)
+        # feedback capture (--capture): inputs chosen to keep, by reason (low_confidence, sample), and chosen inputs
+        # that were not written (the writer's queue full, or the disk refused)
+        self.captured = Counter("nnforge_capture_items_total", "Inputs chosen for capture, by reason.", ["reason"],
+                                registry=reg)
+        self.capture_dropped = Counter("nnforge_capture_dropped_total", "Inputs chosen for capture but not written "
+                                       "(queue full or write failed).", registry=reg)
+        # what the classifier answers: its top probabilities and predicted classes (the first MAX_CLASS_LABELS
+        # classes by name, the rest "other"), and each worker's drift from its run's reference (deploy/drift.py).
+        # liveall: one series per live worker (a pid label with several workers), each over its own window; a
+        # worker that exits takes its series with it
+        self.confidence = Histogram("nnforge_prediction_confidence", "Top probability of each answer.",
+                                    buckets=CONFIDENCE_BUCKETS, registry=reg)
+        self.predicted = Counter("nnforge_predictions_total", "Answers by predicted class.", ["class"],
+                                 registry=reg)
+        self.drift_psi = Gauge("nnforge_drift_psi", "Population Stability Index of this worker's last answers "
+                               "against the run's evaluated split (<0.1 stable, 0.1-0.25 moderate, >0.25 "
+                               "significant); NaN until enough answers.", ["signal"], multiprocess_mode="liveall",
+                               registry=reg)
+        self.drift_window = Gauge("nnforge_drift_window", "Answers in this worker's drift window.",
+                                  multiprocess_mode="liveall", registry=reg)
         self._model: tuple[str, str, str] | None = None
 
     def serving(self, name: str, version: str, backend: str) -> None:

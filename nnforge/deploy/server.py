@@ -1,6 +1,7 @@
 """The HTTP server: FastAPI + uvicorn, micro-batched, with limits that turn every bad request into a 4xx.
 
     nnforge serve runs/image/exp1 [--host 127.0.0.1] [--port 8000] [--workers N] [--token T] [--allow-reload]
+    nnforge serve shoes@champion --capture captures/      # a registry alias, followed as it moves; capture on
     curl -F file=@shoe.png http://127.0.0.1:8000/v1/predict
 
 Endpoints: POST /v1/predict (images as multipart files, JSON {"images": [base64, ...]} or one raw image body;
@@ -11,6 +12,15 @@ GET /docs (OpenAPI).
 POST /v1/reload swaps the served model, so it is guarded: with a token it needs the token like every other path;
 without one it is refused (403) unless the server was started with --allow-reload (ServeSettings.allow_reload),
 because on a server without a token anyone who can reach the port could replace the model.
+
+Answers name the model, the version (the served file's hash) and the run folder's name. After a classifier's
+answer (on the request path, cheap): its top probability and class are counted on /metrics and added to the
+worker's drift window (drift.py: PSI against RUN/eval/reference.json, as gauges and in /v1/model), and with
+--capture the capture picks the inputs to keep and queues them for its writer thread (capture.py); none of it can
+fail the answer. With ServeSettings.follow (`nnforge serve NAME@ALIAS`) each worker looks at the alias's pointer
+file every second and, when it names another run, swaps that run in the way POST /v1/reload does (the same lock
+and code; counted as nnforge_reloads_total{result="followed"}). A pointer that is missing or invalid is logged and
+the model served keeps serving; a POST /v1/reload to another run is undone at the next look, since the alias wins.
 
 Requests pass three pure ASGI layers (asgi.py) before FastAPI: metrics (outermost, so it sees every status), the
 bearer token, and the body limit, which refuses a too-large Content-Length before reading any of the body and
@@ -47,9 +57,13 @@ from nnforge.deploy.apidocs import api_reference_html
 from nnforge.deploy.artifacts import run_io
 from nnforge.deploy.asgi import BearerAuth, BodyLimit, HostCheck, Metrics
 from nnforge.deploy.batching import MicroBatcher, QueueFull
+from nnforge.deploy.capture import Capturer
+from nnforge.deploy.drift import SIGNALS, DriftWindow
 from nnforge.deploy.engine import Engine, load_engine
-from nnforge.deploy.prom import CONTENT_TYPE, MULTIPROC_ENV, ServerMetrics, multiprocess_mode
+from nnforge.deploy.prom import CONTENT_TYPE, MAX_CLASS_LABELS, MULTIPROC_ENV, ServerMetrics, multiprocess_mode
 from nnforge.deploy.settings import ServeSettings, allowed_host_names, default_threads, reload_root
+from nnforge.evaluation.drift import read_reference
+from nnforge.outputs import Probs
 
 log = logging.getLogger("nnforge.serve")
 SETTINGS_ENV = "NNFORGE_SERVE_SETTINGS"  # how `--workers N` hands the settings to each worker process
@@ -64,6 +78,9 @@ VERBS = {"predict": "Answers for one or more inputs (classifiers: top-k labels w
          "recommend": "Ranked items for a user or a history"}
 ROUTES = (*(f"/v1/{v}" for v in VERBS), "/v1/reload", "/v1/model", "/health", "/ready", "/metrics", "/docs",
           "/openapi.json")
+CAPTURE_KINDS = ("image", "text")  # the inputs a capture store keeps as they arrived (bytes, UTF-8 text)
+FOLLOW_EVERY_S = 1.0  # how often a server following an alias looks at its pointer file
+PUBLISH_EVERY_S = 0.5  # how often the drift gauges and the capture drop count are brought up to date
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,6 +171,8 @@ class Prediction(BaseModel):
 class PredictResponse(BaseModel):
     model: str
     version: str
+    run: str
+    """The served run folder's name: tells a champion's answers from a challenger's."""
     backend: str
     predictions: list[Prediction]
 
@@ -167,6 +186,20 @@ class ReloadRequest(BaseModel):
 _JSON_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
+class _CountingCapturer(Capturer):
+    """The capture of this worker: what it chooses to keep is counted by reason on /metrics."""
+
+    def __init__(self, counter, folder: str, **options):
+        self.counter = counter
+        super().__init__(folder, **options)
+
+    def choose(self, probs: np.ndarray) -> list[tuple[int, str]]:
+        chosen = super().choose(probs)
+        for _, reason in chosen:
+            self.counter.labels(reason).inc()
+        return chosen
+
+
 class _State:
     def __init__(self, settings: ServeSettings):
         self.settings = settings
@@ -177,6 +210,13 @@ class _State:
         self.metrics = m = ServerMetrics()
         m.ready.set(0)
         m.pending.set(0)
+        self.capturer: Capturer | None = None  # started by the app's lifespan when settings.capture is set
+        self.drift = DriftWindow()
+        self._class_counters: list = []  # nnforge_predictions_total's series for the served model's classes
+        self._drift_changes = -1  # the drift window's change count last published
+        self._drift_shown: set[str] = set()  # gauges this worker has set (signals, and "window")
+        self._dropped_seen = 0  # the capturer's drops already counted
+        self._answer_failed = False
         self.predicting = 0  # /v1/predict requests being handled
         self.batcher = MicroBatcher(settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
                                     on_batch=self._on_batch, on_pending=m.pending.set,
@@ -191,8 +231,70 @@ class _State:
 
     def use(self, engine: Engine) -> None:
         """Answer from `engine` from now on: one reference swap, each request already holds the engine it began with."""
+        reference = None
+        if isinstance(engine.output, Probs):
+            try:
+                reference = read_reference(engine.run)
+            except ValueError as err:
+                log.warning("no drift scores: %s", err)
+            if reference is None:
+                log.info("no drift scores: %s has no eval/reference.json (run `nnforge evaluate` on it)", engine.run)
+            self._class_counters = self._counters_for(engine)
+        self.drift.reset(reference, engine.output.classes if reference else [])
         self.engine = engine
         self.metrics.serving(engine.name, engine.version, engine.backend)
+
+    async def swap(self, run: str, backend: str, result: str) -> tuple[Engine | None, Engine]:
+        """Load and warm `run` on a thread, then serve it: what a reload, a reload another worker made and a moved
+        alias all do. The caller holds reload_lock; a load that fails raises, and the old model keeps serving."""
+        old = self.engine
+        new = await asyncio.to_thread(self.load, run, backend)
+        self.use(new)
+        self.metrics.reloads.labels(result).inc()
+        return old, new
+
+    def _counters_for(self, engine: Engine) -> list:
+        classes = engine.output.classes[:MAX_CLASS_LABELS]
+        return [self.metrics.predicted.labels(c) for c in classes] + [self.metrics.predicted.labels("other")]
+
+    def answered(self, engine: Engine, items: list[tuple[str, bytes | str]], probs: np.ndarray) -> None:
+        """After a classifier's answer: the served distribution, the drift window and the capture. Cheap (the
+        capture only queues), and it never fails the request that has been answered."""
+        try:
+            m = self.metrics
+            counters = self._class_counters if engine is self.engine else self._counters_for(engine)
+            for p, c in zip(probs.max(1).tolist(), probs.argmax(1).tolist(), strict=True):
+                m.confidence.observe(p)
+                counters[min(c, len(counters) - 1)].inc()
+            if engine is self.engine:  # an answer of the model before a reload says nothing about this one's drift
+                self.drift.observe(probs)
+            if self.capturer is not None and engine.kind in CAPTURE_KINDS:
+                self.capturer.offer(items, probs, engine.output.classes,
+                                    {"model": engine.name, "version": engine.version, "run": str(engine.run)})
+        except Exception:  # noqa: BLE001 - bookkeeping after the answer: logged once, never the client's problem
+            if not self._answer_failed:
+                self._answer_failed = True
+                log.exception("recording an answer for drift and capture failed (logged once)")
+
+    def publish(self) -> None:
+        """Bring the drift gauges and the capture's drop count up to date (prom.py: a gauge is set where its value
+        lives, in this worker). A signal without a score (too few answers since a reload) reads NaN."""
+        if self.capturer is not None and self.capturer.dropped > self._dropped_seen:
+            self.metrics.capture_dropped.inc(self.capturer.dropped - self._dropped_seen)
+            self._dropped_seen = self.capturer.dropped
+        if self.drift.changes == self._drift_changes:
+            return
+        self._drift_changes = self.drift.changes
+        scores = self.drift.psi()
+        if self.drift.reference is not None or "window" in self._drift_shown:
+            self.metrics.drift_window.set(len(self.drift.answers))
+            self._drift_shown.add("window")
+        for name in SIGNALS:
+            if name in scores:
+                self.metrics.drift_psi.labels(name).set(scores[name])
+                self._drift_shown.add(name)
+            elif name in self._drift_shown:
+                self.metrics.drift_psi.labels(name).set(math.nan)
 
     def load(self, run: str, backend: str) -> Engine:
         """Load and warm a model (on a worker thread); nothing is served from it until it is complete."""
@@ -278,16 +380,29 @@ def create_app(settings: ServeSettings, on_fatal=None):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        if settings.capture:  # one per worker; several workers share the store (SQLite, short transactions)
+            state.capturer = _CountingCapturer(
+                state.metrics.captured, settings.capture, threshold=settings.capture_threshold,
+                margin=settings.capture_margin, sample=settings.capture_sample, max_mb=settings.capture_max_mb)
+            log.info("capturing inputs with top probability < %g or margin < %g, plus %g of the rest, in %s "
+                     "(at most %g MB)", settings.capture_threshold, settings.capture_margin,
+                     settings.capture_sample, settings.capture, settings.capture_max_mb)
         await state.batcher.start()
         gc_watch = _GcWatch()
-        tasks = [asyncio.create_task(first_load()), asyncio.create_task(_watch_pauses(state.metrics, gc_watch))]
+        tasks = [asyncio.create_task(first_load()), asyncio.create_task(_watch_pauses(state.metrics, gc_watch)),
+                 asyncio.create_task(_publish(state))]
         if settings.sync_file:
             tasks.append(asyncio.create_task(_follow_reloads(state)))
+        if settings.follow:
+            tasks.append(asyncio.create_task(_follow_pointer(state)))
         yield
         for t in tasks:
             t.cancel()
         gc_watch.close()
         await state.batcher.stop()
+        if state.capturer is not None:  # what is queued is written before the process exits
+            await asyncio.to_thread(state.capturer.close)
+            state.publish()
         state.metrics.close()
 
     app = FastAPI(title="nnforge", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -321,8 +436,12 @@ def create_app(settings: ServeSettings, on_fatal=None):
         if state.engine is None:
             return _error(503, state.error or "loading the model", {"Retry-After": "1"})
         limits = ("max_batch_size", "max_wait_ms", "max_queue", "timeout_s", "max_inputs", "max_pixels")
-        return state.engine.describe() | {"worker_pid": os.getpid(), "reloads": state.generation,
-                                          "limits": {k: getattr(settings, k) for k in limits}}
+        out = state.engine.describe() | {"worker_pid": os.getpid(), "reloads": state.generation,
+                                         "limits": {k: getattr(settings, k) for k in limits},
+                                         "capture": state.capturer is not None, "following": bool(settings.follow)}
+        if isinstance(state.engine.output, Probs):
+            out["drift"] = state.drift.scores()  # this worker's window
+        return out
 
     async def answer(verb: str, request: Request, top_k: int | None):
         engine = state.engine  # one engine per request, even if a reload swaps it meanwhile
@@ -350,11 +469,13 @@ def create_app(settings: ServeSettings, on_fatal=None):
         finally:
             state.predicting -= 1
         asked = {"inputs": arrays} if engine.output.takes_inputs else {}  # answers that depend on the question
-        rows = engine.output.rows([name for name, _ in items], engine.output.finish(outputs),
-                                  top_k=top_k or settings.top_k, **asked)
+        values = engine.output.finish(outputs)
+        rows = engine.output.rows([name for name, _ in items], values, top_k=top_k or settings.top_k, **asked)
+        if isinstance(engine.output, Probs):
+            state.answered(engine, items, values)
         # a JSONResponse as is: FastAPI's encoder would walk every float again (a fifth of a small request's cost)
-        return JSONResponse({"model": engine.name, "version": engine.version, "backend": engine.backend,
-                             engine.output.response_key: rows})
+        return JSONResponse({"model": engine.name, "version": engine.version, "run": engine.run.name,
+                             "backend": engine.backend, engine.output.response_key: rows})
 
     answers = {200: {"description": "one answer per input, under the output kind's key (predictions, ...)"},
                400: {"description": "an input that cannot be read"},
@@ -414,14 +535,12 @@ def create_app(settings: ServeSettings, on_fatal=None):
                 log.warning("reload refused: %s is outside %s", run, root)
                 return _error(403, f"reloads load runs under {root} only (set with --reload-root)")
             try:
-                new = await asyncio.to_thread(state.load, str(resolved), req.backend or settings.backend)
+                old, new = await state.swap(str(resolved), req.backend or settings.backend, "ok")
             except Exception as err:  # a bad folder must not take the server down; the caller learns no paths
                 state.metrics.reloads.labels("failed").inc()
                 log.error("reload of %s failed: %s: %s", run, type(err).__name__, err)
                 still = f"still serving version {old.version}" if old else "no model is being served"
                 return _error(422, f"reload failed ({type(err).__name__}; the server log has the details); {still}")
-            state.use(new)
-            state.metrics.reloads.labels("ok").inc()
             _announce_reload(state, run, req.backend or settings.backend)
         _freeze_heap()
         log.info("reloaded: %s %s version %s (was %s) in %.2fs", new.name, new.backend, new.version,
@@ -467,16 +586,90 @@ async def _follow_reloads(state: _State, every_s: float = 0.5) -> None:
             continue
         async with state.reload_lock:
             try:
-                new = await asyncio.to_thread(state.load, news["run"], news["backend"])
+                _, new = await state.swap(news["run"], news["backend"], "ok")
             except Exception as err:
                 log.error("following a reload of %s failed: %s", news.get("run"), err)
                 state.generation = news["generation"]  # do not retry a broken folder every half second
                 continue
-            state.use(new)
             state.generation = news["generation"]
-            state.metrics.reloads.labels("ok").inc()
             log.info("followed a reload: %s version %s", new.name, new.version)
         _freeze_heap()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# following an alias: a registry's pointer file names the run to serve
+
+
+def read_pointer(path: Path) -> Path:
+    """The run an alias pointer file names ({"name", "alias", "version", "run"}, as loop/registry.py writes it)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError("no such file") from None
+    except (OSError, ValueError) as err:
+        raise ValueError(f"unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("run"), str) or not data["run"]:
+        raise ValueError('expected a JSON object with a "run" folder')
+    return Path(data["run"]).resolve()
+
+
+async def _follow_pointer(state: _State, every_s: float = FOLLOW_EVERY_S) -> None:
+    """Serve the run the pointer file names: when it names another run than the one served, load and warm that
+    run and swap it in as POST /v1/reload does (the same lock; requests in flight finish on the model they began
+    with). Each worker follows the file by itself. A look costs a stat; the file is read only when its inode, time
+    or size changed. A missing or invalid file, or a run that fails to load, is logged once and the model served
+    keeps serving; a failed run is tried again when the file changes."""
+    path = Path(state.settings.follow)
+    seen: tuple | None = None  # (inode, mtime, size) of the file last read
+    target: Path | None = None  # the run it names
+    failed: Path | None = None
+    said = ""  # the last problem logged: a lasting one is logged once
+
+    def problem(message: str) -> None:
+        nonlocal said
+        if message != said:
+            served = state.engine.run if state.engine else state.settings.run
+            log.warning("following %s: %s; still serving %s", path, message, served)
+            said = message
+
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            st = path.stat()
+        except OSError as err:
+            seen, target = None, None
+            problem(err.strerror or str(err))
+            continue
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if key != seen:
+            seen, failed = key, None
+            try:
+                target, said = read_pointer(path), ""
+            except ValueError as err:
+                target = None
+                problem(str(err))
+        engine = state.engine
+        if target is None or engine is None or target == failed or state.reload_lock.locked():
+            continue
+        if target == engine.run.resolve():
+            continue
+        async with state.reload_lock:
+            try:
+                old, new = await state.swap(str(target), state.settings.backend, "followed")
+            except Exception as err:  # a broken run must not take the server down
+                state.metrics.reloads.labels("failed").inc()
+                failed = target
+                problem(f"could not load {target} ({type(err).__name__}: {err})")
+                continue
+        _freeze_heap()
+        log.info("followed %s: now serving %s (%s version %s; was %s version %s)", path, new.run, new.name,
+                 new.version, old.run if old else None, old.version if old else None)
+
+
+async def _publish(state: _State, every_s: float = PUBLISH_EVERY_S) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        state.publish()
 
 
 def app_from_env():
@@ -520,6 +713,10 @@ def serve(settings: ServeSettings) -> None:
     run = Path(settings.run)
     if not ((run / "model.onnx").is_file() or (run / "checkpoints" / "best.safetensors").is_file()):
         raise FileNotFoundError(f"{run}: neither model.onnx nor checkpoints/best.safetensors; is it a run folder?")
+    if settings.capture:  # a folder that cannot hold the store fails here, with its reason, not in every worker
+        from nnforge.deploy.capture import CaptureStore
+
+        CaptureStore(settings.capture, create=True)
     _configure_logging()
     _say_event_loop()
     if settings.token and len(settings.token) < 16:

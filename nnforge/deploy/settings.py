@@ -34,6 +34,12 @@ class ServeSettings:
     access_log: bool = False
     threads: int = 0                  # intra-op threads per worker; 0 = cores / workers
     sync_file: str | None = None      # with several workers: where a reload tells the other workers
+    capture: str | None = None        # folder of the capture store (deploy/capture.py); None: capture nothing
+    capture_threshold: float = 0.6    # capture inputs whose top probability is below this
+    capture_margin: float = 0.2       # ... or whose top-two probability margin is below this
+    capture_sample: float = 0.02      # ... plus this share of all other inputs, at random (an unbiased sample)
+    capture_max_mb: float = 500.0     # the store's files stay under this; the oldest unlabelled items go first
+    follow: str | None = None         # an alias pointer file (loop/registry.py): serve the run it names, as it moves
 
     def check(self) -> None:
         for name in ("port", "workers", "max_batch_size", "max_queue", "max_pixels", "max_inputs", "top_k"):
@@ -44,6 +50,11 @@ class ServeSettings:
                 raise ValueError(f"serve: {name} must be > 0, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"serve: max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        for name in ("capture_threshold", "capture_margin", "capture_sample"):
+            if not 0 <= float(getattr(self, name)) <= 1:
+                raise ValueError(f"serve: {name} must be between 0 and 1, got {getattr(self, name)}")
+        if not float(self.capture_max_mb) > 0:
+            raise ValueError(f"serve: capture_max_mb must be > 0, got {self.capture_max_mb}")
         if self.backend not in ("auto", "onnx", "torch"):
             raise ValueError(f"serve: backend {self.backend!r}; expected auto, onnx or torch")
         if not is_loopback(self.host) and not self.token:

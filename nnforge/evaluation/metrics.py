@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from nnforge.evaluation import _html
+from nnforge.evaluation.drift import REFERENCE_FILE
+from nnforge.evaluation.drift import reference as drift_reference
 
 ECE_BINS = 15
 NLL_EPS = 1e-12  # a probability of exactly 0 for the true class would make the NLL infinite
@@ -173,7 +175,8 @@ def write_evaluation(out_dir: Path, y_true: np.ndarray, probs: np.ndarray, class
     thumbnails: optional encoded image bytes per example (e.g. decoded from a tensor cache); where given they
     are used instead of reading items[i]. Files written: report.json, classification_report.txt,
     confusion_matrix.csv, predictions.csv, mistakes.json (the gallery's data, reused by report.html),
-    misclassified.html, confusion_matrix.png, per_class_accuracy.png, reliability.png.
+    misclassified.html, confusion_matrix.png, per_class_accuracy.png, reliability.png, and reference.json (the
+    split's top-probability and predicted-class histograms, which a server's drift scores compare with: drift.py).
     """
     from nnforge.evaluation import plots  # matplotlib only when pictures are made
 
@@ -191,6 +194,8 @@ def write_evaluation(out_dir: Path, y_true: np.ndarray, probs: np.ndarray, class
 
     (out / "report.json").write_text(json.dumps({**m, "split": split}, indent=2))
     (out / "classification_report.txt").write_text(format_classification_report(m))
+    # what a server of this run compares its answers with (drift on /metrics): confidence and predicted classes
+    (out / REFERENCE_FILE).write_text(json.dumps(drift_reference(p, classes, split)))
     _write_csv(out / "confusion_matrix.csv", ["true\\pred", *classes],
                [[c, *row] for c, row in zip(classes, m["confusion_matrix"], strict=True)])
 

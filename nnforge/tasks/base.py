@@ -30,7 +30,7 @@ import torch
 from nnforge.config import EngineConfig, save_config
 from nnforge.engine import distributed
 from nnforge.engine.device import resolve_device
-from nnforge.engine.errors import TrainingInterrupted
+from nnforge.engine.errors import TrainingDiverged, TrainingInterrupted
 from nnforge.engine.loop import Trainable, fit, monitor_mode
 from nnforge.engine.run import Run, git_commit, versions
 from nnforge.engine.seeding import seed_everything
@@ -84,17 +84,33 @@ def train_run(target: str, cfg: EngineConfig, resume: str | None = None,
     try:
         _train(task, target, cfg, run, device, resume, on_epoch)
         _finish_tracking(run, ok=True)
+        _record_outcome(run, "finished")
         return run
     except TrainingInterrupted:
         _finish_tracking(run, ok=True)
+        _record_outcome(run, "interrupted")
         raise
-    except BaseException:
+    except BaseException as err:
         _finish_tracking(run, ok=False)
+        _record_outcome(run, "diverged" if isinstance(err, TrainingDiverged) else "failed", str(err))
         if run.created and not run.checkpoint("last").exists():
             shutil.rmtree(run.path, ignore_errors=True)  # nothing was trained: leave no empty run folder behind
         raise
     finally:
         run.unlock()
+
+
+def _record_outcome(run: Run, outcome: str, detail: str = "") -> None:
+    """meta.json's "outcome": finished, interrupted, diverged or failed, so that nothing downstream (the
+    continuous-learning gate) can take a half-trained or NaN run for a finished one."""
+    try:
+        meta = run.read_json("meta.json")
+    except (FileNotFoundError, ValueError):
+        return
+    meta["outcome"] = outcome
+    if detail:
+        meta["outcome_detail"] = detail[:500]
+    run.write_json("meta.json", meta)
 
 
 def _follow(task, target: str, cfg: EngineConfig, run: Run, device: torch.device, resume: str | None,

@@ -97,16 +97,21 @@ def load_data(cfg: ClassifyConfig):
 # the model
 
 
-def load_weights(model: nn.Module, source: str, model_name: str) -> None:
-    """Start from a local state dict or an nnforge run/checkpoint; the head is left as built (new classes)."""
+def load_weights(model: nn.Module, source: str, model_name: str, classes: list[str] | None = None) -> None:
+    """Start from a local state dict or an nnforge run/checkpoint. The head is left as built (new classes), except
+    from an nnforge run with the very same classes in the same order: then it is a warm start (retraining a model
+    on more data) and the head is loaded too."""
     p = Path(source)
+    same_classes = False
     if p.is_dir():
         p = p / "checkpoints" / "best.safetensors" if (p / "checkpoints").is_dir() else p
     if p.suffix == ".safetensors" and p.is_file():
         try:
             tensors, meta = load_checkpoint(p)
-            prefix = model_record(meta)["module"] + "."  # the weights the run evaluated and served (EMA if kept)
+            record = model_record(meta)
+            prefix = record["module"] + "."  # the weights the run evaluated and served (EMA if kept)
             sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            same_classes = classes is not None and list(record["io"]["output"].get("classes") or []) == list(classes)
         except CheckpointError:
             sd = load_state_dict_file(p)
     else:
@@ -116,12 +121,14 @@ def load_weights(model: nn.Module, source: str, model_name: str) -> None:
     for k, v in sd.items():  # an RGB stem into a grayscale model: sum the kernels over the colour channels
         if k in own and v.dim() == 4 and own[k].shape[1] == 1 and v.shape[1] == 3 and own[k].shape[0] == v.shape[0]:
             sd[k] = v.sum(1, keepdim=True)
-    usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and not k.startswith(head)}
+    usable = {k: v for k, v in sd.items()
+              if k in own and own[k].shape == v.shape and (same_classes or not k.startswith(head))}
     if not usable:
         raise CheckpointError(f"{source}: no tensor matches {model_name} by name and shape; wrong architecture?")
     model.load_state_dict(usable, strict=False)
     skipped = len(sd) - len(usable)
-    _log(f"weights: loaded {len(usable)}/{len(own)} tensors from {source}"
+    head_too = " (head too: same classes)" if same_classes else ""
+    _log(f"weights: loaded {len(usable)}/{len(own)} tensors from {source}{head_too}"
          f"{f' ({skipped} skipped: head or shape mismatch)' if skipped else ''}")
 
 
@@ -157,7 +164,7 @@ def build_model(cfg: ClassifyConfig, data, resuming: bool = False) -> tuple[nn.M
     kwargs = model_kwargs(cfg, data)  # once: a pretrained encoder's config is read from disk to build it
     model = create_model(cfg.model, **kwargs, **({"pretrained": True} if cfg.pretrained else {}))
     if cfg.weights and not resuming:
-        load_weights(model, cfg.weights, cfg.model)
+        load_weights(model, cfg.weights, cfg.model, list(data.classes))
     return model, kwargs
 
 

@@ -33,6 +33,7 @@ from nnforge.evaluation.grids import grid, save_gif, save_png
 from nnforge.models import create_model
 from nnforge.outputs import to_uint8
 from nnforge.tasks.base import Built
+from nnforge.tasks.gan_eval import evaluate_run
 from nnforge.tasks.gan_features import (
     Features,
     diversity,
@@ -256,17 +257,15 @@ class GanTask:
 
     def evaluate(self, run: Run | str | Path, data: str | None = None, device: str = "auto",
                  features: str | None = None) -> dict:
-        from nnforge.tasks.gan_eval import evaluate_run
-
         return evaluate_run(run.path if isinstance(run, Run) else Path(run), data, device, features)
 
 
 def _relative(path: Path, root: Path) -> str:
-    """A path inside the run as relative to it (the run folder can move), any other as given."""
+    """A path inside the run as relative to it (the run folder can move), any other as an absolute path."""
     try:
         return str(Path(path).resolve().relative_to(root.resolve()))
     except ValueError:
-        return str(path)
+        return str(Path(path).resolve())
 
 
 TASK = GanTask()

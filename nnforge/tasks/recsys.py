@@ -100,8 +100,10 @@ def split_data(cfg: RecsysConfig, inter: Interactions, run: Run) -> dict:
     UserHistories(inter.user_ids, indptr, flat).save(run.path)
     counts = {name: int((part == code).sum()) for name, code in (("train", 0), ("valid", 1), ("test", 2),
                                                                  ("cold", 3))}
-    run.write_json("data_report.json", {**inter.report, "split": {"protocol": cfg.split, **counts,
-                                                                  "cold_items": len(cold)}})
+    run.write_json("data_report.json", {
+        "data": str(cfg.data), "usable": len(inter), **inter.report,
+        "counts": {name: {"interactions": n} for name, n in counts.items()},  # report.html's table of splits
+        "split": {"protocol": cfg.split, **counts, "cold_items": len(cold)}})
     _log(f"split ({cfg.split}): {counts['train']} train, {counts['valid']} valid, {counts['test']} test"
          + (f", {counts['cold']} with {len(cold)} cold-start items held out" if len(cold) else ""))
     return {"part": part, "order": order, "cold": cold}

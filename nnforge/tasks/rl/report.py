@@ -46,6 +46,7 @@ def _png(fig) -> bytes:
 def curves_png(run: Run, algo: str) -> bytes | None:
     """Return over environment steps and over wall time, the algorithm's losses, and steps per second."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter, MaxNLocator
 
     c = _columns(run)
     if not c.get("step", np.empty(0)).size:
@@ -88,6 +89,9 @@ def curves_png(run: Run, algo: str) -> bytes | None:
         ax.legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
+        if ax is not axes[1]:  # environment steps: 50k, 100k, ... instead of digits that run together
+            ax.xaxis.set_major_locator(MaxNLocator(5))
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     return _png(fig)
 
 
