@@ -19,6 +19,8 @@ Every FID here is "FID (nnforge features)": the features of one resnet_tiny clas
 made once, or --features RUN), never comparable with Inception FID. The floor beside it is the same FID between
 real test and real training images. Samples: nnforge's served generator (EMA, BatchNorm statistics re-estimated
 for its weights); the baseline's netG as the example makes its samples (train mode, batch statistics).
+Time per epoch is the training loop: nnforge's epoch_time_s (its end-of-epoch validation, the sample grid and
+val_fid, comes after it), the baseline's loop over its DataLoader including its own image files every 100 steps.
 Each side runs in its own process; peak memory is that process's max RSS.
 """
 
@@ -260,7 +262,8 @@ def cmd_speed(a, out: Path, features: Path) -> None:
     from nnforge.config import GanConfig
     from nnforge.tasks.gan_features import load_images
 
-    load_images(GanConfig(data=str(a.data), image_size=SIZE))  # file checks and tensor cache made before timing
+    images = load_images(GanConfig(data=str(a.data), image_size=SIZE))  # checks and tensor cache before timing
+    n_train = len(images.split_samples("train"))
     times: dict[str, list[float]] = {"baseline": [], "nnforge": []}
     rss: dict[str, list[float]] = {"baseline": [], "nnforge": []}
     for i in range(a.repeats):
@@ -273,7 +276,7 @@ def cmd_speed(a, out: Path, features: Path) -> None:
             rss[side].append(r["rss_mb"])
         print(f"pair {i + 1}: baseline {times['baseline'][-1]:.1f} s/epoch, nnforge {times['nnforge'][-1]:.1f} "
               "s/epoch", flush=True)
-    print(f"\n== time per training epoch, 60,000 images 32x32, batch {BATCH}, {a.repeats} interleaved pairs ==")
+    print(f"\n== time per training epoch, {n_train} images 32x32, batch {BATCH}, {a.repeats} interleaved pairs ==")
     for side in times:
         print(f"{side:9s} median {statistics.median(times[side]):7.1f} s/epoch  peak RSS {max(rss[side]):.0f} MB  "
               f"runs {[round(t, 1) for t in times[side]]}")

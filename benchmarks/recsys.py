@@ -287,14 +287,18 @@ def report(results: dict, seeds: list[int], a) -> None:
     print("| setting | system | slice | Recall@10 | NDCG@10 | MRR@10 | time (s) | peak MB |")
     print("|---|---|---|---|---|---|---|---|")
     for setting, by_system in results.items():
+        if "popularity" not in by_system and by_system:  # the baseline each run evaluates on its own split
+            first = next(iter(by_system.values()))
+            by_system = {"popularity (same split)": [{"slices": r["popularity"]} for r in first], **by_system}
         for system, runs in by_system.items():
             for slice_name in runs[0]["slices"]:
                 vals = {k: [r["slices"][slice_name].get(k) for r in runs] for k in ("recall@10", "ndcg@10",
                                                                                     "mrr@10")}
+                timed = "seconds" in runs[0]  # the baseline inside another run has no time of its own
+                seconds = f"{statistics.mean(r['seconds'] for r in runs):.0f}" if timed else "-"
+                peak = f"{max(r['peak_mb'] for r in runs):.0f}" if timed else "-"
                 print(f"| {setting} | {system} | {slice_name} | {mean_std(vals['recall@10'])} | "
-                      f"{mean_std(vals['ndcg@10'])} | {mean_std(vals['mrr@10'])} | "
-                      f"{statistics.mean(r['seconds'] for r in runs):.0f} | "
-                      f"{max(r['peak_mb'] for r in runs):.0f} |")
+                      f"{mean_std(vals['ndcg@10'])} | {mean_std(vals['mrr@10'])} | {seconds} | {peak} |")
     main = results.get("main", {})
     if "bpr" in main and "recbole_bpr" in main:
         ratio = statistics.mean(a["seconds"] for a in main["bpr"]) / statistics.mean(

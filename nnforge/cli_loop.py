@@ -64,7 +64,7 @@ def add_loop_commands(sub) -> None:
                                      "the challenger only if it is not worse")
     gt.add_argument("name")
     gt.add_argument("--tolerance", type=float, default=0.01, help="largest accuracy drop allowed")
-    gt.add_argument("--class-tolerance", type=float, default=0.05, help="largest drop of any class's recall")
+    gt.add_argument("--class-tolerance", type=float, default=0.1, help="largest drop of any class's recall")
     gt.add_argument("--dry-run", action="store_true", help="decide and write the report, promote nothing")
     gt.add_argument("--reload", action="append", default=[], metavar="URL",
                     help="a server to POST /v1/reload after a promotion (repeatable); servers of NAME@champion "

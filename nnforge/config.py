@@ -516,7 +516,7 @@ class LoopConfig(_Config):
     """Stop after this many rounds (null: run until interrupted)."""
     tolerance: float = 0.01
     """Largest holdout (and fresh-slice) accuracy drop a challenger may have and still be promoted."""
-    class_tolerance: float = 0.05
+    class_tolerance: float = 0.1
     """Largest drop of any class's holdout recall a challenger may have and still be promoted."""
     new_weight: float = 0.3
     """Share of the training examples the new labels make up after oversampling (at most 20 copies each)."""

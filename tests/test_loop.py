@@ -174,3 +174,35 @@ def test_loop_cli(world, tmp_path):
     assert main(["registry", "show", "shapes@99", "--registry", url]) == 2
     (tmp_path / "loop.yaml").write_text(yaml.safe_dump({"labels": [str(tmp_path)], "bogus": 1}))
     assert main(["loop", "shapes", "--config", str(tmp_path / "loop.yaml"), "--registry", url]) == 2
+
+
+def test_text_lineage_retrains_from_captured_texts(tmp_path):
+    from test_text_e2e import review
+
+    rng = np.random.default_rng(1)
+    data = tmp_path / "reviews.csv"
+    rows = [(review(rng, lab), lab) for i in range(120) for lab in [("pos", "neg")[i % 2]]]
+    data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    run = nnforge.train("text", data=str(data), model="fasttext", epochs=2, batch_size=16, precision="fp32",
+                        out=str(tmp_path / "runs"), name="v1", val_split=0.15, test_split=0.2).path
+    reg = Registry(f"sqlite:///{tmp_path / 'runs' / 'registry.db'}")
+    reg.add("sentiment", run)
+    texts = [(review(rng, lab) + ', "quoted"\nsecond line', lab) for i in range(40) for lab in [("pos", "neg")[i % 2]]]
+    loaded = Loaded(run, device="cpu")
+    probs = np.concatenate([loaded.output.finish(raw) for _, raw, _ in loaded.chunks([t for t, _ in texts])])
+    cap = Capturer(tmp_path / "cap", threshold=1.01, sample=0.0)
+    cap.offer([(f"text{i}", t) for i, (t, _) in enumerate(texts)], probs, list(loaded.classes), {"run": str(run)})
+    cap.close()
+    truth = dict(texts)
+    for it in cap.store.items():
+        cap.store.set_label(it["id"], truth[Path(it["path"]).read_text(encoding="utf-8")])
+    v = retrain("sentiment", tmp_path / "cap", reg, epochs=1)
+    split = json.loads((Path(v.run) / "split.json").read_text())
+    trained = {t for t, _ in split["train"] + split["val"]}
+    fresh = {t for t, _ in json.loads((Path(v.run) / "loop.json").read_text())["fresh"]}
+    assert trained & set(truth) and fresh and not fresh & trained  # texts with commas, quotes, newlines intact
+    d = gate("sentiment", reg, dry_run=True)
+    holdout = json.loads(reg.holdout("sentiment").read_text())["items"]
+    assert d.checks[0]["ok"] and d.scores["holdout"]["champion"]["n"] == len(holdout) > 0
+    assert d.scores["fresh"]["challenger"]["n"] == len(fresh)
+    assert reg.get("sentiment@challenger").version == 2  # a dry run moves nothing

@@ -417,6 +417,12 @@ def test_export_parity_and_the_server_answers_and_rejects_bad_input(planted, tmp
             assert r.status_code == 400 and message in r.json()["detail"], (case, r.status_code, r.text)
         r = httpx.post(url + "/v1/recommend", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 400
+        # an item added while the server runs is in its next answer (it reads items.safetensors again on a change)
+        nnforge.add_items(run, [{"id": "cooking-new", "title": "Bread", "text": GENRES["cooking"]}])
+        r = httpx.post(url + "/v1/recommend", json={"item": "cooking-new", "k": 3})
+        assert r.status_code == 200 and all(genre_of(i) == "cooking" for i in r.json()["recommendations"][0]["items"])
+        r = httpx.post(url + "/v1/recommend", json={"history": ["cooking-1", "cooking-new"], "k": 30})
+        assert "cooking-new" in r.json()["recommendations"][0]["items"]
         r = httpx.post(url + "/v1/predict", json={"user": "scifi-u3"})
         assert r.status_code == 404 and "answers POST /v1/recommend" in r.json()["detail"]
         schema = httpx.get(url + "/openapi.json").json()["paths"]["/v1/recommend"]["post"]["requestBody"]

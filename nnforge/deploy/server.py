@@ -254,8 +254,10 @@ class _State:
         return old, new
 
     def _counters_for(self, engine: Engine) -> list:
-        classes = engine.output.classes[:MAX_CLASS_LABELS]
-        return [self.metrics.predicted.labels(c) for c in classes] + [self.metrics.predicted.labels("other")]
+        """One series per class, the classes past MAX_CLASS_LABELS sharing the last one ("other")."""
+        classes = engine.output.classes
+        named = classes[:MAX_CLASS_LABELS] + (["other"] if len(classes) > MAX_CLASS_LABELS else [])
+        return [self.metrics.predicted.labels(c) for c in named]
 
     def answered(self, engine: Engine, items: list[tuple[str, bytes | str]], probs: np.ndarray) -> None:
         """After a classifier's answer: the served distribution, the drift window and the capture. Cheap (the
@@ -545,7 +547,7 @@ def create_app(settings: ServeSettings, on_fatal=None):
         _freeze_heap()
         log.info("reloaded: %s %s version %s (was %s) in %.2fs", new.name, new.backend, new.version,
                  old.version if old else None, new.load_seconds)
-        return {"model": new.name, "version": new.version, "backend": new.backend,
+        return {"model": new.name, "version": new.version, "run": new.run.name, "backend": new.backend,
                 "previous_version": old.version if old else None, "load_seconds": round(new.load_seconds, 3)}
 
     # outermost first: metrics see every answer; the Host and the token are checked before anything reads the body

@@ -1,6 +1,6 @@
 """The gate: champion against challenger; the challenger serves only if it is not worse.
 
-    nnforge gate shoes [--tolerance 0.01] [--class-tolerance 0.05] [--dry-run] [--reload URL --token T]
+    nnforge gate shoes [--tolerance 0.01] [--class-tolerance 0.1] [--dry-run] [--reload URL --token T]
 
 Both models answer the same items: the name's frozen holdout (the first version's test split, fixed at
 registration) and the fresh slice (a quarter of the newly labelled items, which retrain never trains on). The
@@ -9,8 +9,10 @@ challenger is promoted only if all of these hold, and the decision report names 
 - its run finished cleanly (meta.json outcome "finished": an interrupted, diverged or failed run is never promoted)
   and every logged metric is finite;
 - holdout accuracy is no more than --tolerance below the champion's (default 0.01: one point);
-- no class's holdout recall drops by more than --class-tolerance (default 0.05), so a gain on the new traffic cannot
-  hide a class the model has forgotten;
+- no class's holdout recall drops by more than --class-tolerance (default 0.1), so a gain on the new traffic cannot
+  hide a class the model has forgotten. Why not tighter: with 100 holdout items a class's recall has a standard
+  error near 4 points, and two equally good models trade 5 to 8 points between confusable classes (shirt and
+  T-shirt); in a small smoke run of the benchmark (60 images per class) 0.05 refused challengers 3 to 7 points better overall;
 - on the fresh slice it is not worse than the champion beyond --tolerance either.
 
 Promotion moves the champion alias in the registry (one transaction, kept in the history) and rewrites the pointer
@@ -137,7 +139,7 @@ def decide(name: str, champion: Version, challenger: Version, holdout: list, fre
     return d
 
 
-def gate(name: str, registry: Registry | None = None, tolerance: float = 0.01, class_tolerance: float = 0.05,
+def gate(name: str, registry: Registry | None = None, tolerance: float = 0.01, class_tolerance: float = 0.1,
          dry_run: bool = False, reload: list[str] = (), token: str | None = None, by: str = "gate") -> Decision:
     """Decide on NAME's challenger, write the decision report, and promote it (unless dry_run) if it passes."""
     reg = registry or Registry()

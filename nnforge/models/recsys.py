@@ -170,9 +170,12 @@ class TwoTower(nn.Module):
         """Fine-tuned text: every item's vector through the current encoder, for histories and serving."""
         if not self.fine_tune_text:
             return
+        was = self.training
+        self.eval()  # no dropout in the vectors served
         for s in range(0, self.num_items, batch):
             idx = torch.arange(s, min(s + batch, self.num_items), device=self.item_cache.device)
             self.item_cache[idx] = self.item_vectors(idx, live=True)
+        self.train(was)
 
     # ---- the user tower ----
     def _history(self, history: torch.Tensor, table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

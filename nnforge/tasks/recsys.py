@@ -32,7 +32,7 @@ from torch import nn
 
 from nnforge.config import ConfigError, RecsysConfig
 from nnforge.data.catalogue import UserHistories
-from nnforge.data.interaction_splits import TRAIN, VALID, per_user, save_split, split_interactions
+from nnforge.data.interaction_splits import PARTS, TRAIN, VALID, per_user, save_split, split_interactions
 from nnforge.data.interactions import Interactions, read_interactions
 from nnforge.engine.checkpoint import save_checkpoint
 from nnforge.engine.loop import StepContext, Trainable, checkpoint_tensors
@@ -43,7 +43,7 @@ from nnforge.evaluation.ranking import ranking_metrics
 from nnforge.models import create_model, get_entry
 from nnforge.models.recsys import BPRMF, RECSYS_ARGS, Popularity
 from nnforge.tasks.base import Built
-from nnforge.tasks.recsys_eval import MAX_K, evaluate_run, score_fn
+from nnforge.tasks.recsys_eval import MAX_K, evaluate_run, popularity_scores, score_fn
 
 VALIDATION = ("ndcg@10", "recall@10", "mrr@10", "hit@10")  # logged as val_<name> after every epoch
 HISTORY_POOL = 10  # a training history is drawn from the user's last HISTORY_POOL * max_history items
@@ -98,8 +98,7 @@ def split_data(cfg: RecsysConfig, inter: Interactions, run: Run) -> dict:
     save_split(run.path, arrays, header)
     indptr, flat = per_user(inter.users, inter.items, len(inter.user_ids), order)  # everything each user did
     UserHistories(inter.user_ids, indptr, flat).save(run.path)
-    counts = {name: int((part == code).sum()) for name, code in (("train", 0), ("valid", 1), ("test", 2),
-                                                                 ("cold", 3))}
+    counts = {name: int((part == code).sum()) for name, code in PARTS.items()}
     run.write_json("data_report.json", {
         "data": str(cfg.data), "usable": len(inter), **inter.report,
         "counts": {name: {"interactions": n} for name, n in counts.items()},  # report.html's table of splits
@@ -338,8 +337,8 @@ def _popularity_train(cfg, run: Run, model: Popularity, counts: np.ndarray, reco
 
     from nnforge.engine.loop import TrainState
 
-    with torch.no_grad():
-        model.counts.copy_(torch.from_numpy(counts))
+    with torch.no_grad():  # the counts, equal ones in a seeded order (as the baseline every evaluation reports)
+        model.counts.copy_(torch.from_numpy(popularity_scores(counts, cfg.seed)))
     val = validate({"model": model})
     state = TrainState(epoch=1, step=0, best=val.get(cfg.monitor), best_epoch=1)
     run.log_metrics({"epoch": 1, "step": 0, **val})
@@ -355,12 +354,12 @@ class RecsysTask:
     configs = {"recsys": RecsysConfig}
 
     def build(self, cfg: RecsysConfig, run: Run, device: torch.device) -> Built:
+        if get_entry(cfg.model).task != "recsys":
+            raise ConfigError(f"model '{cfg.model}' is not a recommender; see nnforge list-models --task recsys")
         for note in apply_recipe(cfg):
             _log(note)
         resuming = run.checkpoint("last").is_file()
         inter = read_data(cfg)
-        if get_entry(cfg.model).task != "recsys":
-            raise ConfigError(f"model '{cfg.model}' is not a recommender; see nnforge list-models --task recsys")
         build, recorded, source = model_kwargs(cfg, inter, resuming)
         model = create_model(cfg.model, **build)
         fill_text(model, cfg, inter, source)

@@ -58,8 +58,15 @@ def score_fn(model, history: tuple[np.ndarray, np.ndarray], max_len: int, device
     return scores
 
 
-def popularity_fn(counts: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:
-    row = torch.from_numpy(counts.astype(np.float32))
+def popularity_scores(counts: np.ndarray, seed: int) -> np.ndarray:
+    """Training counts with equal counts in a seeded random order: ranked by item index they would follow the
+    catalogue's order (MovieLens numbers its best-known films first), and every unseen item would tie at zero."""
+    tie = np.random.default_rng(seed).permutation(len(counts)) / (len(counts) + 1.0)  # < 1: no count overtakes
+    return (counts.astype(np.float64) + tie).astype(np.float32 if len(counts) < 2**20 else np.float64)
+
+
+def popularity_fn(counts: np.ndarray, seed: int) -> Callable[[np.ndarray], torch.Tensor]:
+    row = torch.from_numpy(popularity_scores(counts, seed))
     return lambda users: row.expand(len(users), -1)
 
 
@@ -156,7 +163,7 @@ def evaluate_run(run_path: str | Path, data: str | None = None, device: str = "a
     max_len = int(loaded.io["input"]["max_len"])
     fn = score_fn(model, split.csr(*parts), max_len, loaded.device)
     ours = slice_metrics(fn, split, parts)
-    pop = slice_metrics(popularity_fn(split.counts(TRAIN)), split, parts)
+    pop = slice_metrics(popularity_fn(split.counts(TRAIN), int(split.header.get("seed", 0))), split, parts)
     name = loaded.name
     slices = {s: {name: ours[s], **({"popularity": pop[s]} if name != "popularity" else {})} for s in ours}
     info = {"protocol": split.header.get("protocol"), "users": split.num_users, "items": split.num_items,

@@ -6,8 +6,8 @@ arrival and its vector joins the index (items.safetensors), so it can be recomme
 
 The model itself is unchanged: a new item has no id embedding (its vector is the text part alone, as for the
 cold-start items the model was evaluated on), and a user tower leaves it out of a history until the model is
-retrained. A running server answers with the new items after POST /v1/reload. Models that read no item text
-(popularity, bpr) cannot place a new item and refuse.
+retrained. A running server reads items.safetensors again when it changes: its next answer can hold the new items.
+Models that read no item text (popularity, bpr) cannot place a new item and refuse.
 """
 
 from __future__ import annotations
@@ -98,5 +98,5 @@ def add_items(run_path: str | Path, items, id_col: str | None = None, text_cols:
     finally:
         run.unlock()
     _log(f"add-items: {len(rows)} items added to {run.path} ({len(grown)} in the catalogue); a running server "
-         "serves them after POST /v1/reload")
+         "answers with them from its next request")
     return {"added": len(rows), "items": len(grown), "ids": [i for i, _, _ in rows]}
