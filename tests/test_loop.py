@@ -120,9 +120,12 @@ def test_retrain_better_challenger_is_promoted(world):
 def test_worse_challenger_is_refused_with_the_reason(world):
     reg, root = world["reg"], world["root"]
     champion = reg.get("shapes@champion")
-    store = capture_all(root / "wrong", Path(champion.run), world["other"])
-    label_store(store, world["other"], wrong=True)  # every new label names the wrong class
+    # the traffic captured again and labelled with the wrong class: a later label of the same input wins, so every
+    # new label the challenger trains on is wrong (fresh images would leave the right ones of the lineage beside them)
+    store = capture_all(root / "wrong", Path(champion.run), world["traffic"])
+    label_store(store, world["traffic"], wrong=True)
     v = retrain("shapes", root / "wrong", reg, new_weight=0.8, epochs=2, batch_size=16, lr=1e-2)
+    assert len(json.loads((Path(v.run) / "loop.json").read_text())["new"]) == len(world["traffic"])  # by content
     d = gate("shapes", reg)
     assert not d.promote and not d.promoted
     assert d.reason.startswith("refused: holdout accuracy") or "recall" in d.reason, d.reason

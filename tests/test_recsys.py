@@ -217,7 +217,7 @@ def test_faiss_answers_as_exact_search_does(monkeypatch):
 
 
 @pytest.mark.parametrize(("name", "args"), [("bpr", {}), ("two_tower", {}), ("two_tower", {"user_tower": "attention"}),
-                                            ("two_tower", {"text_dim": 0}), ("sasrec", {})])
+                                            ("two_tower", {"text_dim": 0, "user_embedding": True}), ("sasrec", {})])
 def test_every_recommender_forward_backward(name, args):
     torch.manual_seed(0)
     text_dim = args.pop("text_dim", 16)

@@ -17,7 +17,3 @@ def add_app_parser(sub) -> None:
     apps = app.add_subparsers(dest="app", required=True)
     bot(apps)
     monitor(apps)
-
-
-def run_app(args) -> int:
-    return args.app_func(args)

@@ -252,10 +252,13 @@ class CaptureStore:
         items = self.items()
         if key == "path":
             index = {str(Path(it["path"]).resolve()): it["id"] for it in items}
-            find = lambda v: index.get(str((path.parent / v).resolve()))  # noqa: E731
+            by_file = {it["file"]: it["id"] for it in items}  # file names are unique: a CSV from a copied folder
+
+            def find(v: str) -> int | None:
+                return index.get(str((path.parent / v).resolve())) or by_file.get(Path(v).name)
         else:
             index = {Path(it["path"]).read_text(encoding="utf-8"): it["id"] for it in items if it["kind"] == "text"}
-            find = index.get
+            find = index.get  # type: ignore[assignment]
         classes = self.classes
         plan = []
         for line, row in enumerate(rows, start=2):

@@ -12,7 +12,8 @@ challenger is promoted only if all of these hold, and the decision report names 
 - no class's holdout recall drops by more than --class-tolerance (default 0.1), so a gain on the new traffic cannot
   hide a class the model has forgotten. Why not tighter: with 100 holdout items a class's recall has a standard
   error near 4 points, and two equally good models trade 5 to 8 points between confusable classes (shirt and
-  T-shirt); in a small smoke run of the benchmark (60 images per class) 0.05 refused challengers 3 to 7 points better overall;
+  T-shirt); in a small smoke run of the benchmark (60 images per class) 0.05 refused challengers 3 to 7 points
+  better overall;
 - on the fresh slice it is not worse than the champion beyond --tolerance either.
 
 Promotion moves the champion alias in the registry (one transaction, kept in the history) and rewrites the pointer

@@ -38,7 +38,11 @@ LOOP_FILE = "loop.json"
 
 
 def item_key(value: str, kind: str) -> str:
-    return str(Path(value).resolve()) if kind == "image" else value
+    """What makes two labelled items the same input: the text, or the image's bytes (not its path: the same picture
+    captured by two servers, or twice, is one item, and its later label wins)."""
+    if kind == "image":
+        return "sha256:" + hashlib.sha256(Path(value).read_bytes()).hexdigest()
+    return value
 
 
 def assign(key: str, seed: int = 0) -> str:

@@ -15,9 +15,11 @@ History items the model was not trained with (indices >= num_items: added to the
     bpr         BPR-MF (Rendle et al. 2009): a user and an item embedding, one sampled negative per positive; a
                 history without a known user is folded in as the mean of its items' vectors
     two_tower   item tower: the item's text embedding (all-MiniLM-L6-v2, frozen with a trained projection, or
-                fine-tuned) plus an id embedding; user tower: the mean or an attention pooling of the history's item
-                vectors, or a causal transformer. Both vectors are L2-normalised and the user's is divided by a
-                temperature, so a score is cosine / temperature. Sampled softmax or in-batch negatives.
+                fine-tuned) plus an id embedding, in two versions as word2vec has ("in": what a history is made of,
+                "out": what a user is scored against); user tower: the mean or an attention pooling of the history's
+                "in" vectors, or a causal transformer. Both vectors are L2-normalised and the user's is divided by a
+                temperature; with the item's bias a score is cosine / temperature + bias. Sampled softmax or
+                in-batch negatives.
     sasrec      two_tower with the transformer user tower, trained to predict every next item (Kang & McAuley 2018)
 """
 
@@ -97,7 +99,8 @@ class TwoTower(nn.Module):
     def __init__(self, num_items: int, text_dim: int = 0, dim: int = 64, id_embedding: bool = True,
                  id_dropout: float = 0.0, user_tower: str = "mean", max_len: int = 50, depth: int = 2,
                  heads: int = 2, dropout: float = 0.1, temperature: float = 0.05, encoder: nn.Module | None = None,
-                 text_len: int = 0):
+                 text_len: int = 0, num_users: int = 0, user_embedding: bool = False, item_bias: bool = True,
+                 tied: bool = False):
         super().__init__()
         if user_tower not in ("mean", "attention", "transformer"):
             raise ValueError(f"user_tower {user_tower!r}: expected mean, attention or transformer")
@@ -108,19 +111,25 @@ class TwoTower(nn.Module):
         self.id_dropout = id_dropout
         self.fine_tune_text = encoder is not None
         self.reads_text = bool(text_dim) or self.fine_tune_text
-        if self.fine_tune_text:  # the encoder runs on each batch's items; histories read the cache (validate fills it)
+        if self.fine_tune_text:  # the encoder runs on each batch's candidates; the rest reads its last embeddings
             self.encoder = encoder
             if getattr(encoder, "pooler", None) is not None:
                 encoder.pooler = None  # mean pooling leaves BERT's [CLS] pooler unused: no dead parameters
             text_dim = encoder.config.hidden_size
             self.register_buffer("tokens", torch.zeros(num_items, text_len, dtype=torch.long))
-            self.register_buffer("item_cache", torch.zeros(num_items, dim))
-        elif text_dim:
-            self.register_buffer("text", torch.zeros(num_items, text_dim))  # frozen sentence embeddings
-        self.text_proj = nn.Linear(text_dim, dim) if self.reads_text else None
-        self.item_id = nn.Embedding(num_items, dim) if id_embedding else None
-        if self.item_id is not None:
-            nn.init.zeros_(self.item_id.weight)  # text first; an item never trained on keeps a zero id vector
+        if self.reads_text:  # sentence embeddings: frozen, or the fine-tuned encoder's latest (refresh_cache)
+            self.register_buffer("text", torch.zeros(num_items, text_dim))
+        # Two item vectors, as word2vec keeps two embeddings of a word: the one a history is made of ("in") and the
+        # one a user is scored against ("out"); tied=True makes them one.
+        self.text_out = nn.Linear(text_dim, dim) if self.reads_text else None
+        self.id_out = nn.Embedding(num_items, dim) if id_embedding else None
+        self.tied = tied
+        if not tied:
+            self.text_in = nn.Linear(text_dim, dim) if self.reads_text else None
+            self.id_in = nn.Embedding(num_items, dim) if id_embedding else None
+        for emb in (self.id_out, None if tied else self.id_in):
+            if emb is not None:
+                nn.init.zeros_(emb.weight)  # text first; an item never trained on keeps a zero id vector
         if user_tower == "attention":
             self.key = nn.Linear(dim, dim)
             self.query = nn.Parameter(torch.zeros(dim))
@@ -132,11 +141,26 @@ class TwoTower(nn.Module):
             self.drop = nn.Dropout(dropout)
         else:  # a small residual MLP: the user side need not live where the mean of its items does
             self.user_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        # SVD++'s shape: a known user's own vector added to the pooled history (a history alone serves anyone else)
+        self.user_emb = nn.Embedding(num_users, dim) if user_embedding and user_tower != "transformer" else None
+        if self.user_emb is not None:
+            nn.init.zeros_(self.user_emb.weight)
+        # how much an item is liked by anyone (popularity), as a last column: items [v, b], users [u, 1], so a
+        # score stays a dot product (one index for every model) and equals cosine / temperature + b
+        self.item_bias = nn.Embedding(num_items, 1) if item_bias else None
+        if self.item_bias is not None:
+            nn.init.zeros_(self.item_bias.weight)  # an item never trained on stays at 0
 
     # ---- the item tower ----
+    def _scoring(self, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Item vectors (n, D) -> what a score multiplies: [v, b] with the bias column."""
+        if self.item_bias is None:
+            return v
+        return torch.cat([v, bias if bias is not None else v.new_zeros(*v.shape[:-1], 1)], -1)
+
     def text_vectors(self, emb: torch.Tensor) -> torch.Tensor:
-        """Pooled text embeddings (n, text_dim) -> the text part of item vectors (n, D): for items added later."""
-        return F.normalize(self.text_proj(emb), dim=-1)
+        """Pooled text embeddings (n, text_dim) -> scoring vectors of items added later: text alone, bias 0."""
+        return self._scoring(F.normalize(self.text_out(emb), dim=-1), None)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Fine-tuned text: token ids (n, T), 0-padded -> (n, hidden) pooled and normalised, as text_vectors takes."""
@@ -144,48 +168,53 @@ class TwoTower(nn.Module):
         h = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         return F.normalize(masked_mean(h, mask), dim=-1)
 
-    def _encode(self, idx: torch.Tensor) -> torch.Tensor:  # (n,) item indices -> (n, hidden)
-        return self.encode_text(self.tokens[idx])
-
-    def item_vectors(self, idx: torch.Tensor | None = None, live: bool = False) -> torch.Tensor:
-        """(n, D) L2-normalised vectors of items idx (all by default). A fine-tuned text tower runs its encoder only
-        when `live` (training); otherwise its cache of every item's vector answers."""
-        if self.fine_tune_text and not live:
-            return self.item_cache if idx is None else self.item_cache[idx]
-        if idx is None:
-            idx = torch.arange(self.num_items, device=self.text_proj.weight.device if self.reads_text
-                               else self.item_id.weight.device)
+    def _vectors(self, idx: torch.Tensor, live: bool, side: str) -> torch.Tensor:
+        """(n, D) L2-normalised "in" or "out" vectors of items idx. A fine-tuned encoder runs only when `live`
+        (training's candidates); otherwise its embeddings from the last refresh_cache answer."""
+        text, ids = (self.text_out, self.id_out) if side == "out" or self.tied else (self.text_in, self.id_in)
         v = 0
         if self.reads_text:
-            v = self.text_proj(self._encode(idx) if self.fine_tune_text else self.text[idx])
-        if self.item_id is not None:
-            e = self.item_id(idx)
+            v = text(self.encode_text(self.tokens[idx]) if self.fine_tune_text and live else self.text[idx])
+        if ids is not None:
+            e = ids(idx)
             if self.training and self.id_dropout > 0:  # some steps without the id: the text alone must do
                 e = e * (torch.rand(e.shape[:-1] + (1,), device=e.device) >= self.id_dropout)
             v = v + e
         return F.normalize(v, dim=-1)
 
+    def item_vectors(self, idx: torch.Tensor | None = None, live: bool = False) -> torch.Tensor:
+        """(n, D [+ 1]) scoring vectors of items idx (all by default): the "out" vector, then the bias."""
+        if idx is None:
+            device = self.text.device if self.reads_text else self.id_out.weight.device
+            idx = torch.arange(self.num_items, device=device)
+        return self._scoring(self._vectors(idx, live, "out"), None if self.item_bias is None else self.item_bias(idx))
+
+    def history_vectors(self, idx: torch.Tensor, live: bool = False) -> torch.Tensor:
+        """(n, D) the "in" vectors of items idx: what a user tower pools."""
+        return self._vectors(idx, live, "in")
+
     @torch.no_grad()
     def refresh_cache(self, batch: int = 256) -> None:
-        """Fine-tuned text: every item's vector through the current encoder, for histories and serving."""
+        """Fine-tuned text: every item's embedding through the current encoder, for histories and serving."""
         if not self.fine_tune_text:
             return
         was = self.training
         self.eval()  # no dropout in the vectors served
         for s in range(0, self.num_items, batch):
-            idx = torch.arange(s, min(s + batch, self.num_items), device=self.item_cache.device)
-            self.item_cache[idx] = self.item_vectors(idx, live=True)
+            idx = torch.arange(s, min(s + batch, self.num_items), device=self.text.device)
+            self.text[idx] = self.encode_text(self.tokens[idx])
         self.train(was)
 
     # ---- the user tower ----
     def _history(self, history: torch.Tensor, table: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         mask = (history >= 0) & (history < self.num_items)  # (B, L)
         h = history.clamp(0, self.num_items - 1)
-        vecs = table[h] if table is not None else self.item_vectors(h.reshape(-1)).view(*h.shape, -1)
+        vecs = table[h] if table is not None else self.history_vectors(h.reshape(-1)).view(*h.shape, -1)
         return vecs * mask[..., None], mask
 
     def sequence_states(self, history: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
-        """Transformer tower: (B, L) -> (B, L, D) user vectors after each position (left padding, causal)."""
+        """Transformer tower: (B, L) -> (B, L, D [+ 1]) user vectors after each position (left padding, causal).
+        table: history vectors of the items the history names (training passes those of a batch)."""
         x, mask = self._history(history, table)
         L = history.shape[1]
         pos = torch.arange(L - 1, -1, -1, device=history.device)  # 0 = the most recent item
@@ -195,11 +224,16 @@ class TwoTower(nn.Module):
         keep = (causal & mask[:, None, :]) | torch.eye(L, dtype=torch.bool, device=history.device)
         for block in self.blocks:
             x = block(x, keep[:, None])
-        return F.normalize(self.ln(x), dim=-1) / self.temperature
+        return self._user(F.normalize(self.ln(x), dim=-1) / self.temperature)
+
+    def _user(self, u: torch.Tensor) -> torch.Tensor:
+        """User vectors (..., D) -> what a score multiplies: [u, 1] with the bias column."""
+        return u if self.item_bias is None else torch.cat([u, u.new_ones(*u.shape[:-1], 1)], -1)
 
     def user_vectors(self, users: torch.Tensor, history: torch.Tensor, table: torch.Tensor | None = None
                      ) -> torch.Tensor:
-        """(B, D) from the history (B, L); `users` is not read (a history says more, and serves new users)."""
+        """(B, D [+ 1]) from the history (B, L) and, with user_embedding, a known user's own vector (users: index or
+        -1). table: history vectors of the items the history names (training passes those of a batch)."""
         if self.user_tower == "transformer":
             return self.sequence_states(history, table)[:, -1]
         if self.user_tower == "mean" and table is not None:  # training: a bag of rows, 2-3x faster than gathering
@@ -207,15 +241,19 @@ class TwoTower(nn.Module):
             idx = torch.where((history >= 0) & (history < self.num_items), history, pad)
             pooled = F.embedding_bag(idx, torch.cat([table, table.new_zeros(1, table.shape[1])]), mode="mean",
                                      padding_idx=pad)
-            return F.normalize(pooled + self.user_mlp(pooled), dim=-1) / self.temperature
-        vecs, mask = self._history(history, table)
-        if self.user_tower == "attention":
-            w = (self.key(vecs) @ self.query) / vecs.shape[-1] ** 0.5  # (B, L)
-            w = torch.softmax(w.masked_fill(~mask, -1e9), 1) * mask
-            pooled = (w[..., None] * vecs).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-9)
         else:
-            pooled = _pool_mean(vecs, mask)
-        return F.normalize(pooled + self.user_mlp(pooled), dim=-1) / self.temperature
+            vecs, mask = self._history(history, table)
+            if self.user_tower == "attention":
+                w = (self.key(vecs) @ self.query) / vecs.shape[-1] ** 0.5  # (B, L)
+                w = torch.softmax(w.masked_fill(~mask, -1e9), 1) * mask
+                pooled = (w[..., None] * vecs).sum(1) / w.sum(1, keepdim=True).clamp_min(1e-9)
+            else:
+                pooled = _pool_mean(vecs, mask)
+        if self.user_emb is not None:
+            n = self.user_emb.num_embeddings
+            known = ((users >= 0) & (users < n))[:, None]
+            pooled = pooled + self.user_emb(users.clamp(0, n - 1)) * known
+        return self._user(F.normalize(pooled + self.user_mlp(pooled), dim=-1) / self.temperature)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         return self.user_vectors(rows[:, ROW_USER], rows[:, ROW_HISTORY:])
@@ -254,11 +292,12 @@ def bpr(num_users: int, num_items: int, text_dim: int = 0, max_len: int = 50, fi
 def two_tower(num_users: int, num_items: int, text_dim: int = 0, max_len: int = 50, fine_tune_text: bool = False,
               encoder: str | None = None, encoder_config: dict | None = None, pretrained: bool = False,
               text_len: int = 0, dim: int = 64, id_embedding: bool = True, id_dropout: float = 0.0,
-              user_tower: str = "mean", depth: int = 2, heads: int = 2, dropout: float = 0.1,
-              temperature: float = 0.05):
+              user_tower: str = "mean", user_embedding: bool = False, item_bias: bool = True, tied: bool = False,
+              depth: int = 2, heads: int = 2, dropout: float = 0.1, temperature: float = 0.05):
     """Text-aware two-tower: MiniLM item text (+ id), user = pooled history; sampled softmax."""
     return TwoTower(num_items, text_dim, dim, id_embedding, id_dropout, user_tower, max_len, depth, heads, dropout,
-                    temperature, _text_encoder(fine_tune_text, encoder, encoder_config, pretrained), text_len)
+                    temperature, _text_encoder(fine_tune_text, encoder, encoder_config, pretrained), text_len,
+                    num_users, user_embedding, item_bias, tied)
 
 
 @register_model("sasrec", task="recsys", data_args=RECSYS_ARGS,
@@ -266,9 +305,10 @@ def two_tower(num_users: int, num_items: int, text_dim: int = 0, max_len: int = 
                         "split": "leave_last_out"})
 def sasrec(num_users: int, num_items: int, text_dim: int = 0, max_len: int = 50, fine_tune_text: bool = False,
            encoder: str | None = None, encoder_config: dict | None = None, pretrained: bool = False,
-           text_len: int = 0, dim: int = 64, id_embedding: bool = True, id_dropout: float = 0.0, depth: int = 2,
-           heads: int = 2, dropout: float = 0.2, temperature: float = 0.05):
+           text_len: int = 0, dim: int = 64, id_embedding: bool = True, id_dropout: float = 0.0,
+           item_bias: bool = True, tied: bool = False, depth: int = 2, heads: int = 2, dropout: float = 0.2,
+           temperature: float = 0.05):
     """Sequential: a causal transformer over the history (SASRec) on the text-aware item tower; next-item loss."""
     return TwoTower(num_items, text_dim, dim, id_embedding, id_dropout, "transformer", max_len, depth, heads,
                     dropout, temperature, _text_encoder(fine_tune_text, encoder, encoder_config, pretrained),
-                    text_len)
+                    text_len, item_bias=item_bias, tied=tied)

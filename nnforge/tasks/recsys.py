@@ -35,6 +35,7 @@ from nnforge.data.catalogue import UserHistories
 from nnforge.data.interaction_splits import PARTS, TRAIN, VALID, per_user, save_split, split_interactions
 from nnforge.data.interactions import Interactions, read_interactions
 from nnforge.engine.checkpoint import save_checkpoint
+from nnforge.engine.distributed import world
 from nnforge.engine.loop import StepContext, Trainable, checkpoint_tensors
 from nnforge.engine.optim import OptimSpec
 from nnforge.engine.run import Run
@@ -158,8 +159,8 @@ class PairBatches:
 
 
 class HistoryBatches:
-    """(histories (B, L), positives, shared negatives or None): each training pair with the user's other training
-    items (up to L, drawn at random from the most recent), the positive itself left out."""
+    """(users, histories (B, L), positives, shared negatives or None): each training pair with the user's other
+    training items (up to L, drawn at random from the most recent), the positive itself left out."""
 
     def __init__(self, users, items, train: tuple[np.ndarray, np.ndarray], max_len: int, negatives: np.ndarray,
                  num_negatives: int, batch_size: int, seed: int, device):
@@ -190,7 +191,8 @@ class HistoryBatches:
                 pick = keys.topk(self.max_len, dim=1).indices.sort(dim=1).values
                 hist = hist.gather(1, pick)
             neg = draw_negatives(self.pool, self.num_negatives, g)
-            yield hist.to(self.device), items.to(self.device), None if neg is None else neg.to(self.device)
+            yield (users.to(self.device), hist.to(self.device), items.to(self.device),
+                   None if neg is None else neg.to(self.device))
 
 
 class SequenceBatches:
@@ -234,10 +236,11 @@ def bpr_step(models: dict[str, nn.Module], batch, ctx: StepContext) -> tuple[int
     return len(users), {"loss": loss.detach(), "acc": (diff.detach() > 0).float().mean()}
 
 
-def _vectors(m, idx: torch.Tensor, live: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(vectors of the distinct items among idx >= 0, where each entry of idx is among them; -1 stays -1)."""
+def _vectors(m, idx: torch.Tensor, live: bool, history: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vectors of the distinct items among idx >= 0, where each entry of idx is among them; -1 stays -1): the
+    scoring vectors of candidates, or (history) the vectors a user tower pools."""
     uniq, inv = torch.unique(idx.clamp(min=0), return_inverse=True)
-    vecs = m.item_vectors(uniq, live=True) if live else m.item_vectors(uniq)
+    vecs = (m.history_vectors if history else m.item_vectors)(uniq, live=live)
     return vecs, torch.where(idx >= 0, inv, -1)
 
 
@@ -257,11 +260,11 @@ def _softmax_loss(u: torch.Tensor, pos: torch.Tensor, cand_vecs: torch.Tensor, p
 
 def softmax_step(models, batch, ctx: StepContext, log_q: torch.Tensor | None, live: bool):
     """two_tower: the user tower on the history, the item tower on the positive and the candidates."""
-    hist, pos, neg = batch
+    users, hist, pos, neg = batch
     m = models["model"]
     with ctx.autocast():
-        table, local = _vectors(m, hist, False)  # history items (a fine-tuned tower: its cache, no gradient)
-        u = m.user_vectors(None, local, table)  # (B, D)
+        table, local = _vectors(m, hist, False, history=True)  # a fine-tuned tower: its cache, no gradient
+        u = m.user_vectors(users, local, table)  # (B, D)
         cand = pos if neg is None else torch.cat([pos, neg])
         vecs, where = _vectors(m, cand, live)
         pos_vecs, cand_vecs = vecs[where[:len(pos)]], vecs[where[len(pos):]]
@@ -275,7 +278,7 @@ def sequence_step(models, batch, ctx: StepContext, log_q: torch.Tensor | None, l
     x, y, neg = batch
     m = models["model"]
     with ctx.autocast():
-        table, local = _vectors(m, x, False)
+        table, local = _vectors(m, x, False, history=True)
         states = m.sequence_states(local, table)  # (B, L, D)
         keep = (x >= 0) & (y >= 0)
         u, pos = states[keep], y[keep]  # (P, D), (P,)
@@ -356,6 +359,8 @@ class RecsysTask:
     def build(self, cfg: RecsysConfig, run: Run, device: torch.device) -> Built:
         if get_entry(cfg.model).task != "recsys":
             raise ConfigError(f"model '{cfg.model}' is not a recommender; see nnforge list-models --task recsys")
+        if world().distributed:  # the steps call the towers' methods, which DDP's gradient averaging never sees
+            raise ConfigError("recsys trains in one process; drop --nproc (several processes are not supported yet)")
         for note in apply_recipe(cfg):
             _log(note)
         resuming = run.checkpoint("last").is_file()

@@ -1,8 +1,8 @@
 """The bot itself: understand a message, keep each conversation's state, answer, fall back, hand off.
 
     bot = Bot("runs/bot/example")
-    bot.reply("s1", "where is my order?")    # {"route": "slot", "reply": "Could you give me your order number? ..."}
-    bot.reply("s1", "it's 482913")           # {"route": "intent", "intent": "order_status", "reply": "Order 482913 ..."}
+    bot.reply("s1", "where is my order?")   # {"route": "slot", "reply": "Could you give me your order number? ..."}
+    bot.reply("s1", "it's 482913")          # {"route": "intent", "intent": "order_status", "reply": "Order 482913"}
 
 Each message takes the first route that applies:
   slot      a slot was asked for and this message holds it (or the bot asks again, at most MAX_ASKS times)
@@ -38,7 +38,11 @@ MAX_TURNS = 40  # a session keeps its last 40 turns (what a ticket shows)
 
 
 class MessageError(ValueError):
-    """A message the bot cannot take (empty, too long); the text says what was expected."""
+    """A message the bot cannot take; the text says what was expected, `status` is the HTTP answer (400, 413)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
 
 
 def check_message(message) -> str:
@@ -48,7 +52,7 @@ def check_message(message) -> str:
     if not text:
         raise MessageError("the message is empty; type a question, e.g. 'where is my order?'")
     if len(text) > MAX_MESSAGE_CHARS:
-        raise MessageError(f"the message is {len(text)} characters long; the limit is {MAX_MESSAGE_CHARS}")
+        raise MessageError(f"the message is {len(text)} characters long; the limit is {MAX_MESSAGE_CHARS}", 413)
     return text
 
 
@@ -130,15 +134,14 @@ class Bot:
     def session(self, session_id: str) -> tuple[Session, bool]:
         """The session (a new one if unknown or expired; True when it had expired)."""
         now = self.clock()
+        s, expired = self.sessions.pop(session_id, None), False
+        if s is not None and now - s.last > self.expire_s:
+            s, expired = None, True
         while self.sessions:  # the front is the least recently active: drop the expired ones
             first = next(iter(self.sessions.values()))
             if now - first.last <= self.expire_s:
                 break
             self.sessions.popitem(last=False)
-        expired = False
-        s = self.sessions.pop(session_id, None)
-        if s is not None and now - s.last > self.expire_s:
-            s, expired = None, True
         if s is None:
             s = Session(session_id, now)
         s.last = now

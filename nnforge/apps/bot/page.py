@@ -17,7 +17,8 @@ STYLE = """
 body { margin: 0; font: 15px/1.45 -apple-system, "Segoe UI", "Noto Sans", Helvetica, Arial, sans-serif;
        background: #f6f8fa; color: #1f2328; }
 header { background: #1f2328; color: #fff; padding: 14px 20px; font-size: 18px; font-weight: 600; }
-main { max-width: 760px; margin: 0 auto; padding: 16px; display: flex; flex-direction: column; height: calc(100vh - 54px); }
+main { max-width: 760px; margin: 0 auto; padding: 16px; display: flex; flex-direction: column;
+       height: calc(100vh - 54px); }
 #log { flex: 1; overflow-y: auto; padding: 8px 0; }
 .msg { max-width: 80%; margin: 6px 0; padding: 8px 12px; border-radius: 12px; white-space: pre-wrap;
        word-break: break-word; }

@@ -143,9 +143,8 @@ def create_app(bot: Bot, timeout_s: float = 10.0) -> FastAPI:
         try:
             out = await asyncio.wait_for(asyncio.to_thread(answer, session, message), timeout_s)
         except MessageError as err:
-            status = 413 if "limit" in str(err) else 400
-            stats.observe(status, time.perf_counter() - t0, None)
-            return _error(status, str(err))
+            stats.observe(err.status, time.perf_counter() - t0, None)
+            return _error(err.status, str(err))
         except TimeoutError:
             stats.observe(504, time.perf_counter() - t0, None)
             return _error(504, f"no answer within {timeout_s:g} s; try again")

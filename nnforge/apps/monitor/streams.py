@@ -194,9 +194,10 @@ def replay_file(path: Path, cols: Columns, speed: float = 0.0, stop: threading.E
 
 def watch_folder(folder: Path, cols: Columns, done: Callable[[Path], bool], stop: threading.Event,
                  poll_s: float = 1.0, now: Callable[[], float] | None = None) -> Iterator[tuple[Path, list[Item]]]:
-    """(file, batch) for each new file dropped into `folder` (oldest first), until `stop` is set. A file is read once
-    its size has stayed the same for one poll (so a file being copied in is not read half-written); names that start
-    with . or ~ and end in .tmp or .part are left alone, as are files `done` says were read already."""
+    """(file, its items oldest first) for each new file dropped into `folder`, until `stop` is set. A file is read
+    once its size has stayed the same for one poll (a file being copied in is not read half-written); names that
+    start with . or ~ or end in .tmp or .part are left alone, as are files `done` says were read already (the same
+    path, size and modification time)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"--stream {folder}: no such folder")
     sizes: dict[Path, int] = {}
@@ -209,13 +210,15 @@ def watch_folder(folder: Path, cols: Columns, done: Callable[[Path], bool], stop
             if sizes.get(path) != size:
                 sizes[path] = size  # seen now: read it at the next poll if it has stopped growing
                 continue
-            if done(path):
+            if done(path) or stop.is_set():
                 continue
-            items = sorted(read_items(path, cols, now), key=lambda it: it.time)
-            for batch in batches(items):
-                yield path, batch
-            if not items:
-                yield path, []  # an empty or unusable file is still done
+            try:
+                items = sorted(read_items(path, cols, now), key=lambda it: it.time)
+            except ValueError as err:  # one bad file must not stop a watcher that runs for days
+                print(f"monitor: skipped {path}: {err}", file=sys.stderr, flush=True)
+                items = []
+            yield path, items
+        sizes = {p: n for p, n in sizes.items() if p.exists()}  # bounded: forget files that were removed
         stop.wait(poll_s)
 
 

@@ -11,8 +11,11 @@ description in the embedding of an nnforge text run.
         description: airlines, flights and air travel                      # optional: tags by meaning too
     similarity: 0.6     # cosine a headline needs to a description (default 0.6)
 
-Every item also belongs to the topic "all". A description is tagged by meaning only where it is given; the
-keywords alone decide for the others.
+Every item also belongs to the topic "all". By meaning, an item joins at most one topic: the one whose
+description is nearest, if it is at least `similarity` near (a headline near every description is near none in
+particular). The embedding is that of the run given (`--topic-model`, default the sentiment model): a sentence
+encoder (a MiniLM run) places headlines by subject; a model trained only for sentiment places them by mood, so
+give it a high `similarity` or no descriptions.
 """
 
 from __future__ import annotations
@@ -97,10 +100,11 @@ class Tagger:
                 for text in texts]
         if self.vectors is not None and texts:
             sims = _unit(self.embed(texts)) @ self.vectors.T  # (N, T) cosines
-            for row, s in zip(tags, sims, strict=True):
-                for t, v in zip(self.described, s, strict=True):
-                    if v >= self.similarity and t.name not in row:
-                        row.append(t.name)
+            best = sims.argmax(1)
+            for row, s, k in zip(tags, sims, best, strict=True):
+                name = self.described[k].name
+                if s[k] >= self.similarity and name not in row:
+                    row.append(name)
         return tags
 
 
