@@ -35,9 +35,7 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks._server import free_port, start_server  # noqa: E402
 from nnforge import api  # noqa: E402
 from nnforge.apps.bot import EXAMPLE as BOT_EXAMPLE  # noqa: E402
 from nnforge.apps.bot.calibrate import calibrate, f1_out_of_scope  # noqa: E402
@@ -155,31 +154,15 @@ def bench_bot(out: Path, models: list[str], requests_per_client: int) -> dict:
             "test": {"n": len(test_rows), "in_scope": sum(y not in NOT_INTENTS for _, y in test_rows)}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def chat_latency(folder: Path, rows: list[tuple[str, str]], per_client: int, out: Path) -> dict:
     import httpx
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "nnforge.cli", "app", "bot", "serve", str(folder), "--port",
-                               str(port), "--tickets", str(out / "latency-tickets.jsonl"), "--timeout", "120"],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_server([sys.executable, "-m", "nnforge.cli", "app", "bot", "serve", str(folder), "--port",
+                           str(port), "--tickets", str(out / "latency-tickets.jsonl"), "--timeout", "120"], url, ROOT,
+                          seconds=300)
     try:
-        end = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > end or server.poll() is not None:
-                raise RuntimeError("the bot server did not start")
-            time.sleep(0.2)
         messages = [t for t, _ in rows]
         for m in messages[:8]:  # warm-up: first calls of each code path
             httpx.post(url + "/v1/chat", json={"session": "warm", "message": m}, timeout=120)

@@ -16,9 +16,7 @@ import argparse
 import asyncio
 import json
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,11 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RELOAD_EVERY = 60.0  # seconds; --reload-every
 sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks._server import free_port, start_server  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -158,20 +152,9 @@ def main() -> None:
     run, images = prepare(Path(a.work))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "nnforge.cli", "serve", str(run), "--port", str(port),
-                               "--workers", "2", "--allow-reload", "--max-body-mb", "2", "--timeout", "5"],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_server([sys.executable, "-m", "nnforge.cli", "serve", str(run), "--port", str(port), "--workers",
+                           "2", "--allow-reload", "--max-body-mb", "2", "--timeout", "5"], url, ROOT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                sys.exit("the server did not become ready")
-            time.sleep(0.2)
         result = asyncio.run(soak(url, run, images, a.minutes, server.pid))
     finally:
         server.terminate()

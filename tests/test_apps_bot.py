@@ -16,15 +16,14 @@ import csv
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import DEADLINE, free_port, wait_for
 
 from nnforge.apps._yaml import AppFileError
 from nnforge.apps.bot import EXAMPLE
@@ -32,7 +31,6 @@ from nnforge.apps.bot.dialogue import Bot
 from nnforge.apps.bot.intents import read_intents
 
 ROOT = Path(__file__).resolve().parent.parent
-DEADLINE = 120.0
 CHROMIUM = Path("/usr/bin/chromium")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 NONSENSE = "blorf zizzle quux wibblewomp"
@@ -44,19 +42,6 @@ def cli(*args: str, input: str | None = None, timeout: float = 600) -> subproces
                           text=True, input=input, timeout=timeout)
 
 
-def wait_for(condition, what, every: float = 0.05):
-    end = time.monotonic() + DEADLINE
-    while not (value := condition()):
-        if time.monotonic() > end:
-            pytest.fail(f"waited {DEADLINE:g}s for {what() if callable(what) else what}")
-        time.sleep(every)
-    return value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------

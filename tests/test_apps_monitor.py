@@ -15,7 +15,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import DEADLINE, free_port, wait_for
 
 import nnforge
 from nnforge.apps._yaml import AppFileError
@@ -34,7 +34,6 @@ from nnforge.apps.monitor.detect import Rules, Window, drift, judge
 from nnforge.apps.monitor.topics import Tagger, read_topics
 
 ROOT = Path(__file__).resolve().parent.parent
-DEADLINE = 120.0
 CHROMIUM = Path("/usr/bin/chromium")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 T0 = 1_583_020_800  # 2020-03-01T00:00:00Z
@@ -62,19 +61,6 @@ def cli(*args: str, input: str | None = None, timeout: float = 600) -> subproces
                           capture_output=True, text=True, input=input, timeout=timeout)
 
 
-def wait_for(condition, what, every: float = 0.05):
-    end = time.monotonic() + DEADLINE
-    while not (value := condition()):
-        if time.monotonic() > end:
-            pytest.fail(f"waited {DEADLINE:g}s for {what() if callable(what) else what}")
-        time.sleep(every)
-    return value
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stored(state: Path, sql: str, *args):

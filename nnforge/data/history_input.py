@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from nnforge.data.catalogue import Catalogue, UserHistories
-from nnforge.data.inputs import InputError, InputKind, bounded
+from nnforge.data.inputs import InputError, InputKind, bounded, whole
 
 K, FLAGS, USER, HISTORY = 0, 1, 2, 3  # columns (models/recsys.py reads USER and HISTORY: ROW_USER, ROW_HISTORY)
 EXCLUDE_SEEN, UNKNOWN_USER, SIMILAR = 1, 2, 4  # flag bits
@@ -29,14 +29,9 @@ MAX_REQUEST_HISTORY = 10_000  # items a request's history may list (the row keep
 REQUEST_KEYS = ("user", "history", "item", "k", "exclude_seen")
 
 
-def _whole(value):
-    """A JSON whole number as an int (JSON Schema's integer includes 9.0), else the value unchanged."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
 def _id(value, where: str) -> str:
     """A user or item id as JSON gives it: a string, or a whole number (read as its decimal text)."""
-    value = _whole(value)
+    value = whole(value)
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise InputError(f"{where}: expected an id (a string or a whole number), got {type(value).__name__}")
     return str(value)
@@ -85,7 +80,7 @@ class HistoryInput(InputKind):
         if len(asked) != 1:
             raise InputError('send exactly one of "user", "history" (item ids) or "item" ("more like this")'
                              + (f"; got {' and '.join(asked)}" if asked else ""))
-        k = _whole(data.get("k", min(DEFAULT_K, self.max_k)))
+        k = whole(data.get("k", min(DEFAULT_K, self.max_k)))
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_k:
             raise InputError(f'"k" must be a whole number from 1 to {self.max_k}, got {k!r}')
         exclude = data.get("exclude_seen", False)
@@ -166,7 +161,7 @@ class HistoryInput(InputKind):
         return "recorded", [self.request({"user": self.users.ids[u]}) for u in users]
 
     @classmethod
-    def openapi_content(cls, spec: dict) -> dict:
+    def openapi_content(cls, spec: dict, max_inputs: int) -> dict:
         ident = {"anyOf": [{"type": "string"}, {"type": "integer"}]}
         schema = {"type": "object", "additionalProperties": False, "properties": {
             "user": {**ident, "description": "a known user's id; an unknown one gets popular items, flagged"},

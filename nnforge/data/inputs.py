@@ -36,6 +36,14 @@ class TooManyInputs(InputError):
 MAX_SIDE, MAX_TOKENS, MAX_ELEMENTS = 8192, 65536, 10_000_000
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def whole(value):
+    """A JSON whole number as an int (JSON Schema's integer includes 9.0), else the value unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def bounded(spec: dict, key: str, lo: int, hi: int) -> int:
     """spec[key] as an int within [lo, hi], or a ValueError that names it (a damaged or crafted run)."""
     value = spec.get(key)
@@ -103,11 +111,12 @@ class InputKind:
         return item if isinstance(item, str) else "<bytes>" if isinstance(item, bytes) else "<input>"
 
     @classmethod
-    def openapi_content(cls, spec: dict) -> dict:
+    def openapi_content(cls, spec: dict, max_inputs: int) -> dict:
         """The request bodies this kind accepts, as OpenAPI content (media type -> schema): what /openapi.json
-        promises for the served run, so a request the schema allows is one the server can read."""
+        promises for the served run, so a request the schema allows is one the server can read (max_inputs: the
+        server's limit of inputs per request)."""
         return {"application/json": {"schema": {"type": "object", "required": [cls.json_key], "properties": {
-            cls.json_key: {"type": "array", "minItems": 1, "items": cls.item_schema(spec)}}}}}
+            cls.json_key: {"type": "array", "minItems": 1, "maxItems": max_inputs, "items": cls.item_schema(spec)}}}}}
 
     @classmethod
     def item_schema(cls, spec: dict) -> dict:
@@ -182,11 +191,11 @@ class ImageInput(InputKind):
         return {"type": "string", "format": "byte", "minLength": 1, "description": "an encoded image, base64"}
 
     @classmethod
-    def openapi_content(cls, spec: dict) -> dict:
+    def openapi_content(cls, spec: dict, max_inputs: int) -> dict:
         picture = {"type": "string", "format": "binary", "minLength": 1}
         return {"multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-                    "file": {"type": "array", "minItems": 1, "items": picture}}}},
-                **super().openapi_content(spec), "image/png": {"schema": picture}}
+                    "file": {"type": "array", "minItems": 1, "maxItems": max_inputs, "items": picture}}}},
+                **super().openapi_content(spec, max_inputs), "image/png": {"schema": picture}}
 
     def synthetic(self, n: int = 16) -> list[np.ndarray]:
         # normalised pixels are roughly standard normal
@@ -231,7 +240,13 @@ class TensorInput(InputKind):
 
     @classmethod
     def item_schema(cls, spec: dict) -> dict:
-        number = {"type": "integer"} if str(spec.get("dtype", "float32")).startswith("int") else {"type": "number"}
+        dtype = str(spec.get("dtype", "float32"))
+        if dtype == "uint8":
+            number = {"type": "integer", "minimum": 0, "maximum": 255}
+        elif dtype.startswith("int"):
+            number = {"type": "integer"}
+        else:  # what float32 holds: a larger JSON number would become infinity, which is refused
+            number = {"type": "number", "minimum": -FLOAT32_MAX, "maximum": FLOAT32_MAX}
         for size in reversed([int(d) for d in spec["shape"]]):
             number = {"type": "array", "minItems": size, "maxItems": size, "items": number}
         return number
@@ -287,6 +302,8 @@ class ObservationInput(TensorInput):
             raise InputError(f"NaN or infinite values; expected {self.expected}")
         if self.dtype == "uint8" and ((arr < 0) | (arr > 255) | (arr != np.round(arr))).any():
             raise InputError(f"expected whole numbers from 0 to 255: {self.expected}")
+        if (np.abs(arr) > FLOAT32_MAX).any():  # would be infinity in float32
+            raise InputError(f"values beyond float32's range (+-{FLOAT32_MAX:.4g}); expected {self.expected}")
         return arr.astype(self.dtype)
 
     def synthetic(self, n: int = 16) -> list[np.ndarray]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nnforge.data.inputs import InputError, InputKind, TooManyInputs, bounded
+from nnforge.data.inputs import InputError, InputKind, TooManyInputs, bounded, whole
 
 MAX_SEED = 2**32 - 1  # what numpy's seeding takes without surprise, and what a JSON client can send exactly
 REQUEST_KEYS = ("n", "seed", "class", "z")
@@ -84,12 +84,12 @@ class LatentInput(InputKind):
             if len(data) > 1:
                 raise InputError('"z" gives the latent rows themselves: send it without n, seed or class')
             return super().read_json(data, max_inputs)
-        n = data.get("n", 1)
+        n = whole(data.get("n", 1))
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InputError(f'"n" must be a whole number >= 1, got {n!r}')
         if n > max_inputs:
             raise TooManyInputs(f"n={n} samples in one request; the limit is {max_inputs}")
-        seed = data.get("seed")
+        seed = whole(data.get("seed"))
         seed = fresh_seed() if seed is None else check_seed(seed)
         cls = data.get("class")
         rows = self.sample(n, None if cls is None else str(cls), seed)
@@ -98,6 +98,30 @@ class LatentInput(InputKind):
 
     def example(self, n: int = 2) -> np.ndarray:
         return np.stack(self.sample(n, seed=0))
+
+    @classmethod
+    def openapi_content(cls, spec: dict, max_inputs: int) -> dict:
+        """Either {"n", "seed", "class"} (all optional) or {"z": rows}; a conditional generator's rows end with the
+        class index (prefixItems: z_dim numbers, then a whole number below the class count)."""
+        z_dim, classes = int(spec["z_dim"]), [str(c) for c in spec.get("classes") or []]
+        # a bound the JSON number must keep to stay finite in float32 (the server refuses infinities)
+        number = {"type": "number", "minimum": -1e30, "maximum": 1e30}
+        row = {"type": "array", "items": number, "minItems": z_dim, "maxItems": z_dim}
+        if classes:
+            row = {"type": "array", "prefixItems": [number] * z_dim + [
+                {"type": "integer", "minimum": 0, "maximum": len(classes) - 1}], "items": False,
+                "minItems": z_dim + 1, "maxItems": z_dim + 1}
+        drawn = {"n": {"type": "integer", "minimum": 1, "maximum": max_inputs, "description": "samples (default 1)"},
+                 "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED,
+                          "description": "the same seed makes the same samples (default: a fresh one, named)"}}
+        if classes:
+            drawn["class"] = {"enum": classes, "description": "the class to draw (default: the classes in turn)"}
+        schema = {"oneOf": [
+            {"type": "object", "additionalProperties": False, "properties": drawn},
+            {"type": "object", "additionalProperties": False, "required": ["z"], "properties": {
+                "z": {"type": "array", "minItems": 1, "maxItems": max_inputs, "items": row,
+                      "description": "the latent rows themselves"}}}]}
+        return {"application/json": {"schema": schema}}
 
     def synthetic(self, n: int = 16) -> list[np.ndarray]:
         return self.sample(n, seed=0)

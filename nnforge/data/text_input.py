@@ -61,8 +61,8 @@ class TextInput(InputKind):
         return {"type": "string", "pattern": r"\S", "description": "a text (at least one character that is not space)"}
 
     @classmethod
-    def openapi_content(cls, spec: dict) -> dict:
-        return {**super().openapi_content(spec), "text/plain": {"schema": cls.item_schema(spec)}}
+    def openapi_content(cls, spec: dict, max_inputs: int) -> dict:
+        return {**super().openapi_content(spec, max_inputs), "text/plain": {"schema": cls.item_schema(spec)}}
 
     def from_json(self, value, where: str) -> str:
         if not isinstance(value, str):

@@ -489,14 +489,19 @@ def create_app(settings: ServeSettings, on_fatal=None):
         if isinstance(engine.output, Probs):
             state.answered(engine, items, values)
         # a JSONResponse as is: FastAPI's encoder would walk every float again (a fifth of a small request's cost)
-        return JSONResponse({"model": engine.name, "version": engine.version, "run": engine.run.name,
-                             "backend": engine.backend, engine.output.response_key: rows})
+        try:
+            return JSONResponse({"model": engine.name, "version": engine.version, "run": engine.run.name,
+                                 "backend": engine.backend, engine.output.response_key: rows})
+        except ValueError:  # JSON has no NaN or infinity: inputs far outside what the model saw in training
+            return _error(422, "the model's answer for this input is not a finite number (NaN or infinity); the "
+                               "input is far outside the range the model was trained on")
 
     answers = {200: {"description": "one answer per input, under the output kind's key (predictions, ...)"},
                400: {"description": "an input that cannot be read"},
                404: {"description": "the run answers another verb"},
                413: {"description": "body, input count or image too large"},
                415: {"description": "unaccepted Content-Type"},
+               422: {"description": "the model's answer is not finite (NaN or infinity) for this input"},
                503: {"description": "not ready, or the queue is full (see Retry-After)"},
                504: {"description": "no answer within the request timeout"}}
 
@@ -507,7 +512,8 @@ def create_app(settings: ServeSettings, on_fatal=None):
         # the served run's own input kind says what its verb's body may be (the schema is that of the run the server
         # started with; a reload to a run of another kind does not rewrite it)
         served = io if io and io.get("verb", "predict") == verb else None
-        content = input_kind(served["input"]["kind"]).openapi_content(served["input"]) if served else None
+        content = (input_kind(served["input"]["kind"]).openapi_content(served["input"], settings.max_inputs)
+                   if served else None)
         extra = {"requestBody": {"required": True, "content": content}} if content else _JSON_BODY
         classifier = served is not None and served["output"].get("kind") == "probs"
         responses = {**answers, 200: {"model": PredictResponse}} if classifier else answers

@@ -19,7 +19,6 @@ with Retry-After, and each waits at most --timeout seconds (504).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import secrets
@@ -28,8 +27,9 @@ import time
 from collections import Counter
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse
 
+from nnforge.apps._http import error, json_body
 from nnforge.apps.bot.dialogue import Bot, MessageError
 from nnforge.apps.bot.page import chat_page
 from nnforge.deploy.asgi import BearerAuth, BodyLimit, HostCheck
@@ -76,10 +76,6 @@ class Stats:
         return "\n".join(lines) + "\n"
 
 
-def _error(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-
 def create_app(bot: Bot, timeout_s: float = 10.0) -> FastAPI:
     app = FastAPI(title=f"{bot.name} (nnforge bot)", docs_url=None, redoc_url=None)
     lock = threading.Lock()  # one message at a time: the sessions and the model are shared
@@ -118,36 +114,29 @@ def create_app(bot: Bot, timeout_s: float = 10.0) -> FastAPI:
     async def chat(request: Request):
         nonlocal waiting
         t0 = time.perf_counter()
-        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            return _error(415, f"Content-Type {ctype or 'missing'}; send application/json "
-                               '{"session": "...", "message": "..."}')
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return _error(400, f"body is not valid JSON ({err})")
-        except RecursionError:
-            return _error(400, "body is JSON nested too deeply")
+        body, bad = await json_body(request, '{"session": "...", "message": "..."}')
+        if bad is not None:
+            return bad
         if not isinstance(body, dict) or "message" not in body:
-            return _error(400, 'expected a JSON object {"session": "...", "message": "..."}')
+            return error(400, 'expected a JSON object {"session": "...", "message": "..."}')
         unknown = sorted(set(body) - {"session", "message"})
         if unknown:
-            return _error(400, f"unknown field(s) {unknown}; expected session and message")
+            return error(400, f"unknown field(s) {unknown}; expected session and message")
         session = body.get("session") or secrets.token_urlsafe(12)
         if not isinstance(session, str) or not SESSION.fullmatch(session):
-            return _error(400, "session must be 1 to 64 letters, digits or _ . : -")
+            return error(400, "session must be 1 to 64 letters, digits or _ . : -")
         message = body["message"]
         if waiting >= MAX_WAITING:
-            return _error(503, f"{waiting} messages are waiting; try again shortly", {"Retry-After": "1"})
+            return error(503, f"{waiting} messages are waiting; try again shortly", {"Retry-After": "1"})
         waiting += 1
         try:
             out = await asyncio.wait_for(asyncio.to_thread(answer, session, message), timeout_s)
         except MessageError as err:
             stats.observe(err.status, time.perf_counter() - t0, None)
-            return _error(err.status, str(err))
+            return error(err.status, str(err))
         except TimeoutError:
             stats.observe(504, time.perf_counter() - t0, None)
-            return _error(504, f"no answer within {timeout_s:g} s; try again")
+            return error(504, f"no answer within {timeout_s:g} s; try again")
         finally:
             waiting -= 1
         stats.observe(200, time.perf_counter() - t0, out["route"])

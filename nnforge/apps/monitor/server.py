@@ -17,14 +17,14 @@ a time, in a worker thread, while the server keeps answering.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 
+from nnforge.apps._http import error, json_body
 from nnforge.apps.monitor.dashboard import render
 from nnforge.apps.monitor.monitor import Monitor
 from nnforge.apps.monitor.streams import Columns, item_from_json
@@ -34,10 +34,6 @@ log = logging.getLogger("nnforge.app.monitor")
 MAX_ITEMS = 1000
 MAX_TEXT = 5000
 MAX_BODY_BYTES = 4 * 2**20
-
-
-def _error(status: int, detail: str) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status)
 
 
 def create_app(monitor: Monitor, lock: threading.Lock) -> FastAPI:
@@ -78,35 +74,29 @@ def create_app(monitor: Monitor, lock: threading.Lock) -> FastAPI:
 
     @app.post("/v1/items")
     async def post_items(request: Request):
-        ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
-        if ctype != "application/json":
-            return _error(415, f"Content-Type {ctype or 'missing'}; send application/json {{\"items\": [...]}}")
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return _error(400, f"body is not valid JSON ({err})")
-        except RecursionError:
-            return _error(400, "body is JSON nested too deeply")
+        body, bad = await json_body(request, '{"items": [...]}')
+        if bad is not None:
+            return bad
         raw = body.get("items") if isinstance(body, dict) and "items" in body else [body]
         if not isinstance(raw, list) or not raw:
-            return _error(400, 'expected {"items": [{"text": ..., "time": ...}, ...]} with at least one item')
+            return error(400, 'expected {"items": [{"text": ..., "time": ...}, ...]} with at least one item')
         if len(raw) > MAX_ITEMS:
-            return _error(413, f"{len(raw)} items in one request; the limit is {MAX_ITEMS}")
+            return error(413, f"{len(raw)} items in one request; the limit is {MAX_ITEMS}")
         items, cols = [], Columns()
         for i, row in enumerate(raw):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                return _error(400, f'items[{i}]: expected an object with a "text" string')
+                return error(400, f'items[{i}]: expected an object with a "text" string')
             unknown = sorted(set(row) - {"text", "time", "id"})
             if unknown:
-                return _error(400, f"items[{i}]: unknown field(s) {unknown}; expected text, time, id")
+                return error(400, f"items[{i}]: unknown field(s) {unknown}; expected text, time, id")
             if len(row["text"]) > MAX_TEXT:
-                return _error(413, f"items[{i}].text is {len(row['text'])} characters; the limit is {MAX_TEXT}")
+                return error(413, f"items[{i}].text is {len(row['text'])} characters; the limit is {MAX_TEXT}")
             if "time" not in row and now is None:
-                return _error(400, f'items[{i}]: no "time"; give one (ISO 8601 or Unix seconds) or run the monitor '
+                return error(400, f'items[{i}]: no "time"; give one (ISO 8601 or Unix seconds) or run the monitor '
                                    "with --clock wall")
             item = item_from_json(row, cols, f"items[{i}]", now)
             if item is None:
-                return _error(400, cols.problems[-1] if cols.problems else f"items[{i}]: unusable")
+                return error(400, cols.problems[-1] if cols.problems else f"items[{i}]: unusable")
             items.append(item)
         return await asyncio.to_thread(process, items)
 
