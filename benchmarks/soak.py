@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -159,8 +160,9 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(60)
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {a.minutes:g} minutes, --workers 2, reload "
-          f"every minute; load average {' '.join(f'{x:.2f}' for x in __import__('os').getloadavg())}")
+    reloads = f"a reload every {a.reload_every:g} s" if a.reload_every else "no reloads"
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {a.minutes:g} minutes, --workers 2, {reloads}; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     for k, v in result["counts"].items():
         print(f"  {k:16s} {v}")
     print(f"valid requests: p50 {result['valid_p50_ms']:.1f} ms, p99 {result['valid_p99_ms']:.1f} ms")

@@ -102,6 +102,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     batch_in_epoch: int = 0  # batches done in the unfinished epoch (non-zero only after an interruption)
     best: float | None = None
+    best_loss: float | None = None  # val_loss at the best epoch: breaks ties of a coarse monitor (accuracy)
     best_epoch: int = 0
     bad_epochs: int = 0
     sums: dict[str, float] = field(default_factory=dict)  # the unfinished epoch's metric sums, to resume exactly
@@ -203,9 +204,15 @@ def restore_checkpoint(path, modules: dict[str, nn.Module], optimizers: dict[str
 # the loop
 
 
-def _better(value: float, best: float | None, mode: str) -> bool:
+def _better(value: float, best: float | None, mode: str, loss: float | None = None,
+            best_loss: float | None = None) -> bool:
+    """Is this epoch better than the best so far? A tie of the monitored value (accuracy moves in steps of
+    1/len(val): on a small or imbalanced validation split it can sit at the majority share for many epochs while the
+    model learns) goes to the lower validation loss, so learning past the first tied epoch is kept."""
     if best is None:
         return True
+    if value == best and loss is not None and best_loss is not None:
+        return loss < best_loss
     return value < best if mode == "min" else value > best
 
 
@@ -383,9 +390,10 @@ def fit(trainable: Trainable, cfg: EngineConfig, run: Run, *, device: torch.devi
                 logged = ", ".join(k for k in row if k not in ("epoch", "step"))
                 raise ConfigError(f"monitor '{cfg.monitor}' is not logged by this task; logged: {logged}")
             value = row[cfg.monitor]
-            improved = _better(value, state.best, mode)
+            loss = row.get("val_loss") if cfg.monitor != "val_loss" else None
+            improved = _better(value, state.best, mode, loss, state.best_loss)
             if improved:
-                state.best, state.best_epoch, state.bad_epochs = value, state.epoch, 0
+                state.best, state.best_loss, state.best_epoch, state.bad_epochs = value, loss, state.epoch, 0
             else:
                 state.bad_epochs += 1
             if cfg.early_stop and state.bad_epochs >= cfg.early_stop and state.epoch < cfg.epochs:
