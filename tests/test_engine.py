@@ -16,7 +16,7 @@ import torch
 import nnforge
 from nnforge.data.images import ImageData
 from nnforge.engine.checkpoint import CheckpointError, load_checkpoint, load_state_dict_file, save_checkpoint
-from nnforge.engine.loop import TrainingInterrupted
+from nnforge.engine.loop import TrainingInterrupted, _better
 from nnforge.engine.schedule import lr_at
 
 TIME_COLUMNS = {"epoch_time_s", "elapsed_s", "examples_per_s"}
@@ -156,3 +156,12 @@ def test_lr_schedules_are_plain_functions_of_the_step():
     assert lr_at(100, 100, 1.0, 10, "onecycle") == pytest.approx(0.0)
     assert lr_at(55, 100, 1.0, 10, "cosine") == pytest.approx(0.5)
     assert lr_at(70, 100, 1.0, 10, "constant") == 1.0
+
+
+def test_a_tie_of_the_monitored_metric_goes_to_the_lower_validation_loss():
+    assert _better(0.92, None, "max")  # the first epoch is always the best so far
+    assert _better(0.93, 0.92, "max", loss=0.9, best_loss=0.1)  # strictly better wins whatever the loss
+    assert _better(0.92, 0.92, "max", loss=0.15, best_loss=0.30)  # same accuracy, the model learnt: keep it
+    assert not _better(0.92, 0.92, "max", loss=0.31, best_loss=0.30)
+    assert not _better(0.92, 0.92, "max")  # no loss logged: a tie is not an improvement
+    assert _better(0.2, 0.3, "min") and not _better(0.3, 0.3, "min")
