@@ -84,6 +84,22 @@ def suggest(trial, space: dict[str, dict]) -> dict:
     return values
 
 
+
+def _open_study(name: str, storage: str, direction: str, sampler, pruner):
+    """Create or load the study. Two workers started together both find the storage empty and both create its
+    tables (Optuna's migration: UNIQUE alembic_version, or "table already exists"); the loser retries and loads."""
+    import optuna
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            return optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True,
+                                       sampler=sampler, pruner=pruner)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
 def tune(task: str, space: str | Path, trials: int = 20, config: str | Path | None = None,
          storage: str | None = None, study: str | None = None, timeout: str | float | None = None,
          metric: str | None = None, pruner: str = "median", seed: int = 0, **overrides) -> dict:
@@ -106,8 +122,7 @@ def tune(task: str, space: str | Path, trials: int = 20, config: str | Path | No
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     the_pruner = optuna.pruners.HyperbandPruner() if pruner == "hyperband" else optuna.pruners.MedianPruner(
         n_startup_trials=3, n_warmup_steps=1)
-    s = optuna.create_study(study_name=name, storage=storage, direction=direction, load_if_exists=True,
-                            sampler=optuna.samplers.TPESampler(seed=seed), pruner=the_pruner)
+    s = _open_study(name, storage, direction, optuna.samplers.TPESampler(seed=seed), the_pruner)
     user = {k: v for k, v in overrides.items() if v is not None}
 
     def objective(trial) -> float:
