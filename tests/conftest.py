@@ -3,11 +3,13 @@ helpers that start `nnforge serve` as a real process and wait for what a test ne
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -158,3 +160,32 @@ class Server:
             self.proc.kill()
             self.proc.wait()
             pytest.fail(f"server ignored SIGTERM for {DEADLINE:g}s:\n{self.output()}")
+
+
+@contextlib.contextmanager
+def serving_in_thread(run, **settings):
+    """`nnforge serve RUN` on a free 127.0.0.1 port in this process (uvicorn on a thread): the URL, once /ready."""
+    import uvicorn
+
+    from nnforge.deploy.server import create_app
+    from nnforge.deploy.settings import ServeSettings
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(ServeSettings(str(run), port=port, **settings)),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _ready(url), "the server's /ready")
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/ready").status_code == 200
+    except httpx.TransportError:
+        return False

@@ -16,9 +16,6 @@ import io
 import json
 import os
 import signal
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -26,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import serving_in_thread
 from PIL import Image
 
 import nnforge
@@ -251,34 +249,9 @@ def test_the_onnx_generator_matches_pytorch_and_keeps_the_class_input(cdcgan_run
 # serving
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_the_server_returns_pngs_and_refuses_bad_requests(cdcgan_run):
-    import uvicorn
-
-    from nnforge.deploy.server import create_app
-    from nnforge.deploy.settings import ServeSettings
-
-    port = _free_port()
-    app = create_app(ServeSettings(str(cdcgan_run), port=port, backend="torch"))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + DEADLINE
-        while True:  # wait for the model to load, with a deadline
-            try:
-                if httpx.get(url + "/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready in time"
-            time.sleep(0.05)
+    with serving_in_thread(cdcgan_run, backend="torch") as url:
         r = httpx.post(url + "/v1/generate", json={"n": 4, "class": "d1", "seed": 7}, timeout=DEADLINE)
         assert r.status_code == 200, r.text
         rows = r.json()["images"]
@@ -304,9 +277,6 @@ def test_the_server_returns_pngs_and_refuses_bad_requests(cdcgan_run):
         refused({"n": 2, "colour": "red"}, 400, "unknown key(s) colour")
         other = httpx.post(url + "/v1/predict", json={"images": []}, timeout=DEADLINE)
         assert other.status_code == 404 and "answers POST /v1/generate" in other.json()["detail"]
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_latent_requests_are_checked_without_a_model():

@@ -14,9 +14,6 @@ import importlib.util
 import math
 import os
 import signal
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +22,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import serving_in_thread
 
 import nnforge
 from nnforge.cli import main
@@ -350,17 +348,9 @@ def test_resume_after_sigterm_is_bit_identical(planted, tmp_path, monkeypatch):
 # export and serving
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_export_parity_and_the_server_answers_and_rejects_bad_input(planted, tmp_path):
-    import uvicorn
 
-    from nnforge.deploy.server import create_app
-    from nnforge.deploy.settings import ServeSettings
 
     assert (USER, HISTORY) == (ROW_USER, ROW_HISTORY)  # the request row's layout, written and read in two places
     run = train(planted, tmp_path, "served", epochs=6, lr=0.01, model_args={"user_tower": "attention"})
@@ -375,22 +365,7 @@ def test_export_parity_and_the_server_answers_and_rejects_bad_input(planted, tmp
     np.testing.assert_allclose(session.run(None, {"input": emb})[0],
                                loaded.model.text_vectors(torch.from_numpy(emb)).detach().numpy(), atol=1e-5)
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ServeSettings(str(run.path), port=port)), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # wait for the model to load, with a deadline
-            try:
-                if httpx.get(url + "/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready within 60 s"
-            time.sleep(0.05)
+    with serving_in_thread(str(run.path)) as url:
         info = httpx.get(url + "/v1/model").json()
         assert info["backend"] == "onnx" and info["verb"] == "recommend" and info["output"]["num_items"] == 30
         r = httpx.post(url + "/v1/recommend", json={"user": "scifi-u3", "k": 5, "exclude_seen": True})
@@ -428,9 +403,6 @@ def test_export_parity_and_the_server_answers_and_rejects_bad_input(planted, tmp
         schema = httpx.get(url + "/openapi.json").json()["paths"]["/v1/recommend"]["post"]["requestBody"]
         props = schema["content"]["application/json"]["schema"]["properties"]
         assert props["k"]["maximum"] == 30 and set(props) == {"user", "history", "item", "k", "exclude_seen"}
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_command_line_trains_with_no_other_flags(planted, tmp_path, capsys):

@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import threading
-import time
 
 import gymnasium as gym
 import httpx
@@ -20,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import serving_in_thread
 from gymnasium.envs.classic_control import CartPoleEnv
 from PIL import Image
 
@@ -320,35 +318,9 @@ def test_continuous_actions_export_and_stay_within_bounds(tmp_path):
     assert not (tmp_path / "rl" / "dqn").exists()  # a failed start leaves no run folder
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_serve_answers_act_and_rejects_bad_observations(cartpole):
-    import uvicorn
-
-    from nnforge.deploy.server import create_app
-    from nnforge.deploy.settings import ServeSettings
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ServeSettings(str(cartpole.path), port=port,
-                                                                    backend="torch")),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # wait for the model to load, with a deadline
-            try:
-                if httpx.get(url + "/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready within 60 s"
-            time.sleep(0.05)
+    with serving_in_thread(cartpole.path, backend="torch") as url:
         obs = [0.01, -0.2, 0.03, 0.4]
         r = httpx.post(url + "/v1/act", json={"observation": obs})
         assert r.status_code == 200, r.text
@@ -365,9 +337,6 @@ def test_serve_answers_act_and_rejects_bad_observations(cartpole):
             assert 400 <= bad.status_code < 500 and says in bad.json()["detail"], (body, bad.text)
         other = httpx.post(url + "/v1/predict", json={"inputs": [obs]})
         assert other.status_code == 404 and "answers POST /v1/act" in other.json()["detail"]
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_carracing_from_pixels_end_to_end(tmp_path):

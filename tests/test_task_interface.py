@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import threading
-import time
 
 import httpx
 import numpy as np
@@ -19,6 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import serving_in_thread
 from torch import nn
 
 import nnforge
@@ -212,36 +210,13 @@ def test_a_task_defined_outside_nnforge_trains_resumes_evaluates_and_exports(tmp
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_the_server_serves_a_task_it_does_not_know(tmp_path):
     """The server imports no task: the run's io (tensor in, tensor out) shapes requests and answers."""
-    import uvicorn
 
-    from nnforge.deploy.server import create_app
-    from nnforge.deploy.settings import ServeSettings
 
     run = nnforge.train("toy", out=str(tmp_path), name="served", **COMMON)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ServeSettings(str(run.path), port=port)), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:  # wait for the model to load, with a deadline
-            try:
-                if httpx.get(url + "/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server not ready within 60 s"
-            time.sleep(0.05)
+    with serving_in_thread(run.path) as url:
         x = [[0.5, 0.5, -0.5, 1.0]]
         r = httpx.post(url + "/v1/predict", json={"inputs": x})
         assert r.status_code == 200, r.text
@@ -253,9 +228,6 @@ def test_the_server_serves_a_task_it_does_not_know(tmp_path):
         assert other.status_code == 404 and "answers POST /v1/predict" in other.json()["detail"]
         info = httpx.get(url + "/v1/model").json()
         assert info["output"] == {"kind": "tensor"} and info["preprocessing"]["kind"] == "tensor"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_monitor_must_be_a_logged_metric_and_list_models_groups_by_task(tmp_path, capsys):
