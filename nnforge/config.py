@@ -150,6 +150,9 @@ class TextTrainConfig(ClassifyConfig):
     """CSV/TSV/JSONL file, or a folder holding train.* and optional val.* / test.* files."""
     text_col: str = "text"
     """Column (or JSON key) holding the text."""
+    group_col: str | None = None
+    """Column (or JSON key) naming each text's group (a speaker, a document, a customer): val and test are carved
+    out whole groups at a time, so the validation score that picks the model measures texts from unseen groups."""
     model: str = "auto"
     """Registered text model name (nnforge list-models --input text); auto trains the candidates that suit the data
     (fasttext, and minilm where its files are installed) and keeps the best on the validation split."""

@@ -167,6 +167,37 @@ def test_split_is_stratified_seeded_and_keeps_duplicates_together(tmp_path):
     assert len(a.items("train")) + len(a.items("val")) + len(a.items("test")) == 63
 
 
+def test_group_col_puts_whole_groups_in_val_and_test_and_joins_groups_sharing_a_text(tmp_path, capsys):
+    # 30 speakers x 4 texts; speaker 0 and speaker 1 share one text, so they must land in the same split
+    rows = [(f"{review(10 * g + k, ('pos', 'neg')[g % 2])} number {g} {k}", ("pos", "neg")[g % 2], f"sp{g}")
+            for g in range(30) for k in range(4)]
+    rows.append(("a line both say", "pos", "sp0"))
+    rows.append(("A line  both say", "neg", "sp1"))
+    rows.append(("no speaker here", "pos", ""))
+    path = tmp_path / "g.csv"
+    path.write_text("text,label,speaker\n" + "".join(f'"{t}",{y},{g}\n' for t, y, g in rows))
+    data = TextData.load(cfg_for(path, group_col="speaker", seed=3), log=print)
+    split_of = {r.where: r.split for r in data.rows}
+    by_group: dict[str, set[str]] = {}
+    for r in data.rows:
+        by_group.setdefault(r.group or r.where, set()).add(r.split)
+    assert all(len(s) == 1 for s in by_group.values()), by_group  # no group in two splits
+    assert by_group["sp0"] == by_group["sp1"]
+    assert set().union(*by_group.values()) == {"train", "val", "test"}
+    out = capsys.readouterr().out
+    assert "31 values of 'speaker'" not in out and "30 values of 'speaker'" in out
+    assert f"1 row(s) without a group, each its own (e.g. {path}:124)" in out
+    assert len(split_of) == 123
+    # without it, a speaker's texts are spread over the splits
+    plain = TextData.load(cfg_for(path, seed=3), log=quiet)
+    spread = {}
+    for r, p in zip(data.rows, plain.rows, strict=True):
+        spread.setdefault(r.group, set()).add(p.split)
+    assert any(len(s) > 1 for g, s in spread.items() if g)
+    with pytest.raises(DataError, match="--group-col"):
+        TextData.load(cfg_for(path, group_col="speech"), log=quiet)
+
+
 def test_given_split_files_are_used_and_leaks_reported(tmp_path):
     folder = tmp_path / "d"
     folder.mkdir()

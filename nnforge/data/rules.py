@@ -2,6 +2,7 @@
 
     split = split_name("dev")                                   # -> "val" (train / val / test, and their aliases)
     classes = check_classes(labels, splits, where, "data/")     # DataError on a class that cannot be learned
+    keys = joined_keys(text_keys, groups)                       # --group-col: a group and its texts stay together
     splits = assign_splits(labels, splits, keys, 0.1, 0.1, seed=0)
     dups = find_duplicates(keys, splits, labels, where)         # identical content; "leak" across splits
 
@@ -75,6 +76,36 @@ def assign_splits(labels: list[str], splits: list[str], keys: list[str], val_spl
         for j in idx:
             for i in groups[firsts[j]]:
                 out[i] = split
+    return out
+
+
+def joined_keys(*key_lists: list[str | None]) -> list[str]:
+    """One key per item such that items sharing any key of any list get the same one (their connected component):
+    joined_keys(texts, groups) keeps a group together, and with it every copy of its texts wherever they appear.
+    A None key joins nothing."""
+    parent: dict[tuple[int, str], tuple[int, str]] = {}
+
+    def root(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    n = len(key_lists[0])
+    for k, keys in enumerate(key_lists):
+        for key in keys:
+            if key is not None:
+                parent.setdefault((k, key), (k, key))
+    for i in range(n):
+        present = [(k, keys[i]) for k, keys in enumerate(key_lists) if keys[i] is not None]
+        for other in present[1:]:
+            a, b = root(present[0]), root(other)
+            if a != b:
+                parent[b] = a
+    out = []
+    for i in range(n):
+        k = next(k for k, keys in enumerate(key_lists) if keys[i] is not None)
+        out.append("\0".join(map(str, root((k, key_lists[k][i])))))
     return out
 
 

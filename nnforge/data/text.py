@@ -29,6 +29,7 @@ from nnforge.data.rules import (
     check_classes,
     epoch_order,
     find_duplicates,
+    joined_keys,
     log_problems,
     normalise_labels,
     split_counts,
@@ -56,6 +57,7 @@ class Row:
     label: str
     where: str  # "file:LINE", for every message about this row
     split: str  # train | val | test
+    group: str | None = None  # the --group-col value: val/test take whole groups
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -69,7 +71,7 @@ def _format_of(path: Path) -> str:
     return fmt
 
 
-def _check_row(text, label, where: str, split: str, rows: list[Row], skipped: list[dict]) -> None:
+def _check_row(text, label, where: str, split: str, rows: list[Row], skipped: list[dict], group=None) -> None:
     if label is None or (isinstance(label, str) and not label.strip()):
         skipped.append({"path": where, "reason": "missing label"})
     elif not isinstance(label, str | int | float | bool):
@@ -83,21 +85,24 @@ def _check_row(text, label, where: str, split: str, rows: list[Row], skipped: li
     elif "\x00" in text:
         skipped.append({"path": where, "reason": "NUL byte in the text (binary data, or UTF-16 read as 8-bit?)"})
     else:
-        rows.append(Row(text.strip(), str(label).strip(), where, split))
+        group = None if group is None or not str(group).strip() else str(group).strip()
+        rows.append(Row(text.strip(), str(label).strip(), where, split, group))
 
 
 def _read_delimited(path: Path, delimiter: str, text_col: str, label_col: str, split: str, rows: list[Row],
-                    skipped: list[dict]) -> str:
-    table = read_table(path, delimiter, {text_col: "--text-col", label_col: "--label-col"}, label=label_col)
+                    skipped: list[dict], group_col: str | None = None) -> str:
+    required = {text_col: "--text-col", label_col: "--label-col"} | ({group_col: "--group-col"} if group_col else {})
+    table = read_table(path, delimiter, required, label=label_col)
     ti, li = table.columns[text_col], table.columns[label_col]
+    gi = table.columns[group_col] if group_col else None
     for line, rec in table.rows:
-        _check_row(rec[ti], rec[li], f"{path}:{line}", split, rows, skipped)
+        _check_row(rec[ti], rec[li], f"{path}:{line}", split, rows, skipped, None if gi is None else rec[gi])
     skipped += table.skipped
     return table.encoding
 
 
 def _read_jsonl(path: Path, content: str, text_col: str, label_col: str, split: str, rows: list[Row],
-                skipped: list[dict]) -> None:
+                skipped: list[dict], group_col: str | None = None) -> None:
     if content.lstrip().startswith("["):
         raise DataError(f"{path}: a JSON array; expected JSON Lines (one object per line)")
     # split("\n"), not splitlines(): Latin-1 text may hold U+0085, which splitlines() would take for a line end
@@ -113,19 +118,22 @@ def _read_jsonl(path: Path, content: str, text_col: str, label_col: str, split: 
         if not isinstance(obj, dict):
             skipped.append({"path": where, "reason": f"expected a JSON object, got {type(obj).__name__}"})
             continue
-        _check_row(obj.get(text_col), obj.get(label_col), where, split, rows, skipped)
+        _check_row(obj.get(text_col), obj.get(label_col), where, split, rows, skipped,
+                   obj.get(group_col) if group_col else None)
 
 
-def read_file(path: Path, text_col: str, label_col: str, split: str = "train") -> tuple[list[Row], list[dict], str]:
+def read_file(path: Path, text_col: str, label_col: str, split: str = "train",
+              group_col: str | None = None) -> tuple[list[Row], list[dict], str]:
     """(usable rows, skipped rows with reasons, encoding) of one CSV/TSV/JSONL file."""
     fmt = _format_of(path)
     rows: list[Row] = []
     skipped: list[dict] = []
     if fmt == "jsonl":
         content, encoding = read_text_file(path)
-        _read_jsonl(path, content, text_col, label_col, split, rows, skipped)
+        _read_jsonl(path, content, text_col, label_col, split, rows, skipped, group_col)
     else:
-        encoding = _read_delimited(path, "\t" if fmt == "tsv" else ",", text_col, label_col, split, rows, skipped)
+        encoding = _read_delimited(path, "\t" if fmt == "tsv" else ",", text_col, label_col, split, rows, skipped,
+                                   group_col)
     return rows, skipped, encoding
 
 
@@ -149,11 +157,11 @@ def find_files(data: str | Path) -> list[tuple[Path, str]]:
     return found
 
 
-def read_all(files: list[tuple[Path, str]], text_col: str, label_col: str):
+def read_all(files: list[tuple[Path, str]], text_col: str, label_col: str, group_col: str | None = None):
     """(rows, skipped, encodings, labels_normalised) of every file."""
     rows, skipped, encodings = [], [], {}
     for path, split in files:
-        r, s, enc = read_file(path, text_col, label_col, split)
+        r, s, enc = read_file(path, text_col, label_col, split, group_col)
         rows += r
         skipped += s
         encodings[str(path)] = enc
@@ -191,6 +199,16 @@ def read_labelled_texts(path: str | Path, cfg: dict) -> list[list[str]]:
 
 def text_key(text: str) -> str:
     return " ".join(text.casefold().split())  # case and spacing do not make a different text
+
+
+def _log_groups(rows: list[Row], group_col: str, log) -> None:
+    groups = {r.group for r in rows if r.group is not None}
+    missing = [r.where for r in rows if r.group is None]
+    log(f"groups: {len(groups)} values of '{group_col}'; val/test take whole groups"
+        + (f"; {len(missing)} row(s) without a group, each its own (e.g. {missing[0]})" if missing else ""))
+    if len(groups) < 10:
+        log(f"WARNING: only {len(groups)} groups: val/test hold whole groups, so their scores rest on very few of "
+            "them; more groups give a steadier validation score")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,13 +265,16 @@ class TextData:
         from nnforge.models.text import encoder_source
 
         files = find_files(cfg.data)
-        rows, skipped, encodings, renamed = read_all(files, cfg.text_col, cfg.label_col)
+        rows, skipped, encodings, renamed = read_all(files, cfg.text_col, cfg.label_col, cfg.group_col)
         if not rows:
             first = f"; first: {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else ""
             raise DataError(f"{cfg.data}: no usable rows ({len(skipped)} skipped{first})")
         labels, where = [r.label for r in rows], [r.where for r in rows]
         classes = check_classes(labels, [r.split for r in rows], where, cfg.data)
         keys = [text_key(r.text) for r in rows]
+        if cfg.group_col:  # whole groups go to val/test, and a text repeated in two groups joins them
+            keys = joined_keys(keys, [r.group for r in rows])
+            _log_groups(rows, cfg.group_col, log)
         for r, split in zip(rows, assign_splits(labels, [r.split for r in rows], keys, cfg.val_split,
                                                  cfg.test_split, cfg.seed), strict=True):
             r.split = split
@@ -275,7 +296,8 @@ class TextData:
                 "embeddings do not match its ids")
         report = {"data": str(Path(cfg.data).resolve()), "files": len(files), "encoding": encodings,
                   "fingerprint": fingerprint_files([str(p) for p, _ in files],
-                                                   extra=f"{cfg.text_col}\0{cfg.label_col}"),
+                                                   extra=f"{cfg.text_col}\0{cfg.label_col}"
+                                                   + (f"\0{cfg.group_col}" if cfg.group_col else "")),
                   "rows": len(rows) + len(skipped), "skipped": skipped, "labels_normalised": renamed}
         data = cls(rows, classes, tok, kind, cfg, report, encoder)
         data._finish_report(log)
