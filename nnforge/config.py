@@ -71,7 +71,8 @@ class EngineConfig(_Config):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to train; auto picks cuda, then mps, then cpu."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto uses bf16 autocast where the device runs it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16)."""
+    """auto uses bf16 autocast where the device runs it fast (CUDA with bf16, CPUs with AMX or AVX512-BF16); RL
+    policies on vector observations stay fp32 on the CPU (their small layers cost less than the casts)."""
     channels_last: bool = True
     """Use the channels-last memory format for 4-D image batches (faster convolutions)."""
     compile: bool = False

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nnforge.config import ConfigError, RLConfig
-from nnforge.engine.device import autocast, resolve_precision
+from nnforge.engine.device import autocast
 from nnforge.engine.run import Run
 from nnforge.engine.schedule import lr_at
 from nnforge.models import create_model
@@ -60,7 +60,7 @@ def train(cfg: RLConfig, run: Run, device: torch.device, resume: bool, record: d
         q_target.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(q.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                   weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
-    amp = resolve_precision(cfg.precision, device)
+    amp = spaces.autocast_dtype(cfg.precision, device)
 
     def to_device(obs: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(obs).to(device)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from nnforge.config import RLConfig
-from nnforge.engine.device import autocast, resolve_precision
+from nnforge.engine.device import autocast
 from nnforge.engine.run import Run
 from nnforge.engine.schedule import lr_at
 from nnforge.models import create_model
@@ -86,7 +86,7 @@ def train(cfg: RLConfig, run: Run, device: torch.device, resume: bool, record: d
         policy.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                   weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
-    amp = resolve_precision(cfg.precision, device)
+    amp = spaces.autocast_dtype(cfg.precision, device)
     actions_of = build_output(record["io"]["output"]).actions
 
     def to_device(obs: np.ndarray) -> torch.Tensor:
