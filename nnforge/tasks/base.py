@@ -74,7 +74,10 @@ def train_run(target: str, cfg: EngineConfig, resume: str | None = None,
     seed_everything(cfg.seed)
     device = resolve_device(distributed.device_for(world, cfg.device))
     if not world.main:  # rank 0 owns the run folder; the others train alongside and write nothing
-        return _follow(task, target, cfg, Run(world.broadcast(None), writer=False), device, resume, world)
+        try:
+            return _follow(task, target, cfg, Run(world.broadcast(None), writer=False), device, resume, world)
+        finally:
+            distributed.teardown()
     if resume:
         run = Run(resume)
         run.lock()
@@ -98,6 +101,7 @@ def train_run(target: str, cfg: EngineConfig, resume: str | None = None,
         raise
     finally:
         run.unlock()
+        distributed.teardown()
 
 
 def _record_outcome(run: Run, outcome: str, detail: str = "") -> None:
