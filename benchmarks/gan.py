@@ -4,6 +4,7 @@
     python benchmarks/gan.py --data data/fashion-mnist quality --epochs 5      # FID after the same epochs
     python benchmarks/gan.py --data data/fashion-mnist budget --minutes 10     # FID (and cdcgan consistency) in 10 min
     python benchmarks/gan.py --data data/fashion-mnist all                     # the three, one feature classifier
+    python benchmarks/gan.py --data data/fashion-mnist modes RUN [RUN ...]     # FID of raw vs EMA G, 3 sampling modes
 
 DATA is the PNG tree `python -m nnforge.data.fashion_mnist DATA` writes (train/ and test/ class folders).
 
@@ -318,6 +319,33 @@ def cmd_budget(a, out: Path, features: Path, measure: Measure) -> None:
     print(f"floor    {measure.floor:8.2f}   (real test vs real training images)")
 
 
+def cmd_modes(a, measure: Measure) -> None:
+    """What nnforge's sampling choices are worth: FID of each run's raw and EMA generator (last checkpoint), sampled
+    in train mode (batch statistics, as the example samples), in eval mode with the stored statistics, and in eval
+    mode with statistics re-estimated for its weights (what nnforge serves)."""
+    from nnforge.engine.checkpoint import load_checkpoint
+    from nnforge.outputs import to_uint8
+    from nnforge.tasks.gan import standing_stats
+
+    print(f"\n== FID (nnforge features), {measure.n} samples; floor {measure.floor:.2f} ==")
+    for run in a.runs:
+        tensors = load_checkpoint(run / "checkpoints" / "last.safetensors")[0]
+        for module in ("generator", "generator_ema"):
+            G = Generator(NZ, 1, SIZE, WIDTH)
+            G.load_state_dict({k[len(module) + 1:]: v for k, v in tensors.items() if k.startswith(module + ".")})
+            fids = {}
+            for mode in ("train", "eval-stored", "eval-standing"):
+                if mode == "eval-standing":
+                    standing_stats(G, NZ, 0, BATCH, 0, "cpu")
+                G.train(mode == "train")
+                g = torch.Generator().manual_seed(1)
+                with torch.no_grad():
+                    u8 = [torch.from_numpy(to_uint8(G(torch.randn(BATCH, NZ, generator=g), None).numpy()))
+                          .permute(0, 3, 1, 2) for _ in range(-(-measure.n // BATCH))]
+                fids[mode] = measure.of_u8(torch.cat(u8)[:measure.n])
+            print(f"{run.name:12s} {module:14s} " + "  ".join(f"{m} {f:.2f}" for m, f in fids.items()), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True)
@@ -335,6 +363,8 @@ def main() -> None:
     al.add_argument("--repeats", type=int, default=3)
     al.add_argument("--epochs", type=int, default=5)
     al.add_argument("--minutes", type=float, default=10.0)
+    mo = sub.add_parser("modes", help="FID of raw vs EMA generator of nnforge runs, three sampling modes")
+    mo.add_argument("runs", nargs="+", type=Path)
     bt = sub.add_parser("baseline-train", help="(internal) the example's training, one process")
     bt.add_argument("--epochs", type=int, default=1)
     bt.add_argument("--out", required=True)
@@ -346,6 +376,8 @@ def main() -> None:
     features = a.features or features_run(a.data, out)
     print(f"runs in {out}; FID features from {features}", flush=True)
     measure = Measure(a.data, features, a.samples)
+    if a.cmd == "modes":
+        return cmd_modes(a, measure)
     if a.cmd in ("speed", "all"):
         cmd_speed(a, out, features, measure)
     if a.cmd in ("quality", "budget", "all"):

@@ -17,9 +17,10 @@ History items the model was not trained with (indices >= num_items: added to the
     two_tower   item tower: the item's text embedding (all-MiniLM-L6-v2, frozen with a trained projection, or
                 fine-tuned) plus an id embedding, in two versions as word2vec has ("in": what a history is made of,
                 "out": what a user is scored against); user tower: the mean or an attention pooling of the history's
-                "in" vectors, or a causal transformer. Both vectors are L2-normalised and the user's is divided by a
-                temperature; with the item's bias a score is cosine / temperature + bias. Sampled softmax or
-                in-batch negatives.
+                "in" vectors (in training half of them dropped at random, ten always kept: a denoising tower, as
+                Mult-DAE's input dropout), or a causal transformer. Both vectors are L2-normalised and the user's
+                is divided by a temperature; with the item's bias a score is cosine / temperature + bias. Sampled
+                softmax or in-batch negatives.
     sasrec      two_tower with the transformer user tower, trained to predict every next item (Kang & McAuley 2018)
 """
 
@@ -32,6 +33,7 @@ from torch import nn
 from nnforge.models.registry import register_model
 from nnforge.models.text import Block, load_encoder, masked_mean
 
+DROPOUT_KEEPS = 10  # history items the denoising user tower never drops (TwoTower._drop_history)
 ROW_USER, ROW_HISTORY = 2, 3  # columns of a request row (the history input kind writes the same layout)
 # What the recsys task fills from the data; every recommender's builder takes them (and uses what it needs).
 RECSYS_ARGS = frozenset({"num_users", "num_items", "text_dim", "max_len", "fine_tune_text", "encoder",
@@ -100,15 +102,17 @@ class TwoTower(nn.Module):
                  id_dropout: float = 0.0, user_tower: str = "mean", max_len: int = 50, depth: int = 2,
                  heads: int = 2, dropout: float = 0.1, temperature: float = 0.05, encoder: nn.Module | None = None,
                  text_len: int = 0, num_users: int = 0, user_embedding: bool = False, item_bias: bool = True,
-                 tied: bool = False):
+                 tied: bool = False, history_dropout: float = 0.0):
         super().__init__()
         if user_tower not in ("mean", "attention", "transformer"):
             raise ValueError(f"user_tower {user_tower!r}: expected mean, attention or transformer")
         if not (text_dim or encoder is not None or id_embedding):
             raise ValueError("two_tower needs item text or an id embedding (the data has no item text: keep "
                              "id_embedding=true)")
+        if not 0 <= history_dropout < 1:
+            raise ValueError(f"history_dropout {history_dropout}: expected a share in [0, 1)")
         self.num_items, self.user_tower, self.temperature = num_items, user_tower, temperature
-        self.id_dropout = id_dropout
+        self.id_dropout, self.history_dropout = id_dropout, history_dropout
         self.fine_tune_text = encoder is not None
         self.reads_text = bool(text_dim) or self.fine_tune_text
         if self.fine_tune_text:  # the encoder runs on each batch's candidates; the rest reads its last embeddings
@@ -230,12 +234,22 @@ class TwoTower(nn.Module):
         """User vectors (..., D) -> what a score multiplies: [u, 1] with the bias column."""
         return u if self.item_bias is None else torch.cat([u, u.new_ones(*u.shape[:-1], 1)], -1)
 
+    def _drop_history(self, history: torch.Tensor) -> torch.Tensor:
+        """A denoising user tower (Mult-DAE's input dropout): each history item left out with probability
+        history_dropout, but DROPOUT_KEEPS items always stay: half of a 4-item history is noise, not a denoising
+        task, while on ML-100k (85 training items a user on average) dropping half helps (BENCHMARKS.md)."""
+        r = torch.rand(history.shape, device=history.device).masked_fill(history < 0, -1.0)
+        kth = r.topk(min(DROPOUT_KEEPS, r.shape[1]), dim=1).values[:, -1:]  # the draws of the kept items are >= kth
+        return history.masked_fill((r < self.history_dropout) & (r < kth), -1)
+
     def user_vectors(self, users: torch.Tensor, history: torch.Tensor, table: torch.Tensor | None = None
                      ) -> torch.Tensor:
         """(B, D [+ 1]) from the history (B, L) and, with user_embedding, a known user's own vector (users: index or
         -1). table: history vectors of the items the history names (training passes those of a batch)."""
         if self.user_tower == "transformer":
             return self.sequence_states(history, table)[:, -1]
+        if self.training and self.history_dropout > 0:
+            history = self._drop_history(history)
         if self.user_tower == "mean" and table is not None:  # training: a bag of rows, 2-3x faster than gathering
             pad = table.shape[0]
             idx = torch.where((history >= 0) & (history < self.num_items), history, pad)
@@ -288,16 +302,17 @@ def bpr(num_users: int, num_items: int, text_dim: int = 0, max_len: int = 50, fi
 
 
 @register_model("two_tower", task="recsys", data_args=RECSYS_ARGS,
-                recipe={"batch_size": 512, "lr": 1e-3, "epochs": 100, "early_stop": 10})
+                recipe={"batch_size": 512, "lr": 1e-3, "epochs": 100, "early_stop": 10, "max_history": 500})
 def two_tower(num_users: int, num_items: int, text_dim: int = 0, max_len: int = 50, fine_tune_text: bool = False,
               encoder: str | None = None, encoder_config: dict | None = None, pretrained: bool = False,
               text_len: int = 0, dim: int = 64, id_embedding: bool = True, id_dropout: float = 0.0,
               user_tower: str = "mean", user_embedding: bool = False, item_bias: bool = True, tied: bool = False,
-              depth: int = 2, heads: int = 2, dropout: float = 0.1, temperature: float = 0.05):
+              depth: int = 2, heads: int = 2, dropout: float = 0.1, temperature: float = 0.05,
+              history_dropout: float = 0.5):
     """Text-aware two-tower: MiniLM item text (+ id), user = pooled history; sampled softmax."""
     return TwoTower(num_items, text_dim, dim, id_embedding, id_dropout, user_tower, max_len, depth, heads, dropout,
                     temperature, _text_encoder(fine_tune_text, encoder, encoder_config, pretrained), text_len,
-                    num_users, user_embedding, item_bias, tied)
+                    num_users, user_embedding, item_bias, tied, history_dropout)
 
 
 @register_model("sasrec", task="recsys", data_args=RECSYS_ARGS,
