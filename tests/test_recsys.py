@@ -236,6 +236,27 @@ def test_every_recommender_forward_backward(name, args):
     torch.testing.assert_close(model(added), model(rows))
 
 
+def test_history_dropout_halves_long_histories_keeps_short_ones_and_is_off_in_eval():
+    from nnforge.models import create_model
+    from nnforge.models.recsys import DROPOUT_KEEPS
+
+    m = create_model("two_tower", num_users=4, num_items=300).train()
+    history = torch.full((4, 250), -1, dtype=torch.long)
+    history[0, -200:] = torch.arange(200)  # long: about half dropped
+    history[1, -DROPOUT_KEEPS:] = torch.arange(DROPOUT_KEEPS)  # short: left whole
+    history[2, -3:] = torch.tensor([5, 6, 7])
+    torch.manual_seed(0)
+    kept = m._drop_history(history)
+    real = (kept >= 0).sum(1)
+    assert 70 <= real[0] <= 130 and real[1] == DROPOUT_KEEPS and real[2] == 3 and real[3] == 0
+    assert set(kept[0][kept[0] >= 0].tolist()) <= set(range(200))  # only dropped, never changed
+    u = torch.full((4,), -1)
+    m.eval()
+    assert torch.equal(m.user_vectors(u, history), m.user_vectors(u, history))  # no randomness when serving
+    with pytest.raises(ValueError, match="history_dropout"):
+        create_model("two_tower", num_users=4, num_items=300, history_dropout=1.0)
+
+
 def test_a_fine_tuned_text_tower_trains_its_encoder_and_serves_from_its_cache():
     from transformers import BertConfig
 
