@@ -123,7 +123,7 @@ def teardown() -> None:
     """Leave the process group while the interpreter is still whole. Left to interpreter shutdown, the last gloo
     work objects were freed on gloo's own threads, which need the GIL to drop their tensors and cannot get it once
     Python is finalizing: the process aborted ("terminate called without an active exception") after a finished
-    run, now and then (1 run in 8 under load). Destroying the group and collecting the DDP wrapper that holds it
+    run, now and then (about 1 run in 10 under load). Destroying the group and collecting the DDP wrapper that holds it
     (a reference cycle) here ends those threads first."""
     global _WORLD
     if not _WORLD.distributed:
