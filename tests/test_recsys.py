@@ -293,6 +293,9 @@ def test_bpr_and_two_tower_beat_popularity_and_text_places_new_items(planted, tm
         assert reports[model]["slices"]["test"]["popularity"] == pop  # the same split, side by side
     cold = reports["two_tower"]["slices"]["cold"]
     assert cold["two_tower"]["recall@10"] > cold["popularity"]["recall@10"] + 0.3  # only text can find them
+    for model in ("bpr", "two_tower"):  # without the cold items in the lists, a test item can only rise
+        warm, every = (reports[model]["slices"][s][model] for s in ("test_warm", "test"))
+        assert every["ndcg@10"] <= warm["ndcg@10"] and every["recall@10"] <= warm["recall@10"], (model, warm, every)
     html = (runs["two_tower"].path / "report.html").read_text()
     assert "Ranking metrics" in html and "cold_only" in html and "data:image/png;base64" in html
 

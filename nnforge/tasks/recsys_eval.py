@@ -3,10 +3,12 @@
     report = evaluate_run("runs/recsys/exp1")      # eval/report.json, a report.html section, items.safetensors
 
 The run's own split (split.safetensors) decides everything: every item is ranked for every user (full ranking), the
-items a user interacted with in training and validation are excluded, and K = 5, 10, 20. Three slices:
+items a user interacted with in training and validation are excluded, and K = 5, 10, 20. The slices:
 
     test       the test interactions (random protocol: the user tower reads the training history, as BPR knows only
                that; leave-last-out: training and validation, as a sequential model would at that moment)
+    test_warm  the test interactions ranked among the items seen in training only (with cold items held out): the
+               gap to `test` is what the cold items cost the known ones by taking places in the lists
     cold       interactions with the items held out of training, ranked among all items
     cold_only  the same, ranked among the held-out items only (which of the new items would a user pick)
 
@@ -71,7 +73,7 @@ def popularity_fn(counts: np.ndarray, seed: int) -> Callable[[np.ndarray], torch
 
 
 def slice_metrics(fn, split: SavedSplit, history_parts: tuple[int, ...], ks=KS) -> dict[str, dict]:
-    """The three slices of a split for one scorer; a slice without users is left out."""
+    """The slices of a split for one scorer; a slice without users is left out."""
     exclude = split.csr(TRAIN, VALID)
     users = np.arange(split.num_users)
     out = {"test": ranking_metrics(fn, users, split.csr(TEST), exclude, split.num_items, ks)}
@@ -79,6 +81,7 @@ def slice_metrics(fn, split: SavedSplit, history_parts: tuple[int, ...], ks=KS) 
     if len(cold):
         allowed = np.zeros(split.num_items, bool)
         allowed[cold] = True
+        out["test_warm"] = ranking_metrics(fn, users, split.csr(TEST), exclude, split.num_items, ks, allowed=~allowed)
         out["cold"] = ranking_metrics(fn, users, split.csr(COLD), exclude, split.num_items, ks)
         out["cold_only"] = ranking_metrics(fn, users, split.csr(COLD), exclude, split.num_items, ks, allowed=allowed)
     return {k: v for k, v in out.items() if v["users"]}
