@@ -217,16 +217,20 @@ class Measure:
         return self.fid(self.feats.features(u8))
 
     @torch.no_grad()
-    def baseline(self, folder: str) -> float:
-        """The example's netG as the example samples it: train mode (batch statistics), batches of 128."""
+    def of_generator(self, G: nn.Module) -> float:
+        """FID of n samples of G in the mode it is in, batches of 128, z from seed 1."""
         from nnforge.outputs import to_uint8
 
-        netG = Generator(NZ, 1, SIZE, WIDTH)
-        netG.load_state_dict(torch.load(f"{folder}/netG.pth", weights_only=True))
         g = torch.Generator().manual_seed(1)
-        u8 = [torch.from_numpy(to_uint8(netG(torch.randn(BATCH, NZ, generator=g)).numpy())).permute(0, 3, 1, 2)
+        u8 = [torch.from_numpy(to_uint8(G(torch.randn(BATCH, NZ, generator=g)).numpy())).permute(0, 3, 1, 2)
               for _ in range(-(-self.n // BATCH))]
         return self.of_u8(torch.cat(u8)[:self.n])
+
+    def baseline(self, folder: str) -> float:
+        """The example's netG as the example samples it: train mode (batch statistics)."""
+        netG = Generator(NZ, 1, SIZE, WIDTH)
+        netG.load_state_dict(torch.load(f"{folder}/netG.pth", weights_only=True))
+        return self.of_generator(netG)
 
     @torch.no_grad()
     def nnforge(self, run: str, which: str = "last", classes: bool = False) -> dict:
@@ -324,7 +328,6 @@ def cmd_modes(a, measure: Measure) -> None:
     in train mode (batch statistics, as the example samples), in eval mode with the stored statistics, and in eval
     mode with statistics re-estimated for its weights (what nnforge serves)."""
     from nnforge.engine.checkpoint import load_checkpoint
-    from nnforge.outputs import to_uint8
     from nnforge.tasks.gan import standing_stats
 
     print(f"\n== FID (nnforge features), {measure.n} samples; floor {measure.floor:.2f} ==")
@@ -337,12 +340,7 @@ def cmd_modes(a, measure: Measure) -> None:
             for mode in ("train", "eval-stored", "eval-standing"):
                 if mode == "eval-standing":
                     standing_stats(G, NZ, 0, BATCH, 0, "cpu")
-                G.train(mode == "train")
-                g = torch.Generator().manual_seed(1)
-                with torch.no_grad():
-                    u8 = [torch.from_numpy(to_uint8(G(torch.randn(BATCH, NZ, generator=g), None).numpy()))
-                          .permute(0, 3, 1, 2) for _ in range(-(-measure.n // BATCH))]
-                fids[mode] = measure.of_u8(torch.cat(u8)[:measure.n])
+                fids[mode] = measure.of_generator(G.train(mode == "train"))
             print(f"{run.name:12s} {module:14s} " + "  ".join(f"{m} {f:.2f}" for m, f in fids.items()), flush=True)
 
 

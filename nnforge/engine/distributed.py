@@ -132,11 +132,10 @@ def teardown() -> None:
 
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        try:
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
     _WORLD = World()
     gc.collect()
 

@@ -68,16 +68,22 @@ def train_run(target: str, cfg: EngineConfig, resume: str | None = None,
 
     task = get_task(train_target(target)[0])
     world = distributed.setup(cfg.device)
+    try:
+        return _train_in(world, task, target, cfg, resume, on_epoch)
+    finally:
+        distributed.teardown()  # every process leaves the group together, whatever happened
+
+
+def _train_in(world, task, target: str, cfg: EngineConfig, resume: str | None,
+              on_epoch: Callable[[dict], None] | None) -> Run:
+    """train_run once this process knows its place among the training processes."""
     if world.distributed and (task.name != "classify" or getattr(cfg, "model", None) == "auto"):
         raise ValueError("training on several processes is supported for classification runs with a chosen model "
                          f"(not {task.name}, not --model auto)")
     seed_everything(cfg.seed)
     device = resolve_device(distributed.device_for(world, cfg.device))
     if not world.main:  # rank 0 owns the run folder; the others train alongside and write nothing
-        try:
-            return _follow(task, target, cfg, Run(world.broadcast(None), writer=False), device, resume, world)
-        finally:
-            distributed.teardown()
+        return _follow(task, target, cfg, Run(world.broadcast(None), writer=False), device, resume, world)
     if resume:
         run = Run(resume)
         run.lock()
@@ -101,7 +107,6 @@ def train_run(target: str, cfg: EngineConfig, resume: str | None = None,
         raise
     finally:
         run.unlock()
-        distributed.teardown()
 
 
 def _record_outcome(run: Run, outcome: str, detail: str = "") -> None:
