@@ -73,7 +73,7 @@ def baseline_train(a) -> None:
     deadline = a.deadline or float("inf")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(999)
+    torch.manual_seed(a.seed)  # the example's manualSeed is 999
     dataset = dset.ImageFolder(root=a.data, transform=transforms.Compose([
         transforms.Resize(SIZE), transforms.CenterCrop(SIZE), transforms.Grayscale(), transforms.ToTensor(),
         transforms.Normalize((0.5,), (0.5,))]))
@@ -162,18 +162,18 @@ def run_process(cmd: list[str], budget_s: float | None = None) -> tuple[float, f
     return time.perf_counter() - t0, usage.ru_maxrss / 1024, stdout
 
 
-def baseline(data: Path, out: Path, epochs: int, budget_s: float | None = None) -> dict:
+def baseline(data: Path, out: Path, epochs: int, budget_s: float | None = None, seed: int = 999) -> dict:
     cmd = [sys.executable, __file__, "--data", str(data / "train"), "baseline-train", "--epochs", str(epochs),
-           "--out", str(out)] + (["--deadline", str(time.time() + budget_s)] if budget_s else [])
+           "--out", str(out), "--seed", str(seed)] + (["--deadline", str(time.time() + budget_s)] if budget_s else [])
     wall, rss, stdout = run_process(cmd)
     return {**json.loads(stdout.strip().splitlines()[-1]), "wall_s": wall, "rss_mb": rss, "dir": str(out)}
 
 
 def nnforge_run(data: Path, out: Path, name: str, features: Path, epochs: int, budget_s: float | None = None,
-                model: str = "dcgan") -> dict:
+                model: str = "dcgan", seed: int = 0) -> dict:
     cmd = [sys.executable, "-m", "nnforge.cli", "train", "gan", "--data", str(data), "--model", model,
            "--epochs", str(epochs), "--features", str(features), "--out", str(out), "--name", name,
-           "--eval-samples", "2000"]
+           "--eval-samples", "2000", "--seed", str(seed)]
     wall, rss, _ = run_process(cmd, budget_s)
     rows = Run(out / "gan" / name).read_metrics()
     return {"epoch_s": [float(r["epoch_time_s"]) for r in rows], "val_fid": [float(r["val_fid"]) for r in rows],
@@ -264,7 +264,8 @@ def paired(baseline_s: list[float], ours_s: list[float]) -> str:
 
 def cmd_speed(a, out: Path, features: Path, measure: Measure) -> None:
     """One epoch each, a.repeats interleaved pairs (alternating which goes first); each run's FID after its epoch
-    (the quality at the same number of epochs, measured on every pair)."""
+    (the quality at the same number of epochs, measured on every pair). Pair i seeds both sides anew (nnforge i, the
+    baseline 999 + i: the example's seed for the first pair), so the FIDs show the spread over seeds."""
     from nnforge.config import GanConfig
     from nnforge.tasks.gan_features import load_images
 
@@ -276,10 +277,10 @@ def cmd_speed(a, out: Path, features: Path, measure: Measure) -> None:
     for i in range(a.repeats):
         for side in (("baseline", "nnforge") if i % 2 == 0 else ("nnforge", "baseline")):
             if side == "baseline":
-                r = baseline(a.data, out / f"baseline-speed-{i}", 1)
+                r = baseline(a.data, out / f"baseline-speed-{i}", 1, seed=999 + i)
                 fids[side].append(measure.baseline(r["dir"]))
             else:
-                r = nnforge_run(a.data, out, f"speed-{i}", features, 1)
+                r = nnforge_run(a.data, out, f"speed-{i}", features, 1, seed=i)
                 fids[side].append(measure.nnforge(r["run"])["fid"])
             times[side].append(r["epoch_s"][0])
             rss[side].append(r["rss_mb"])
@@ -366,6 +367,7 @@ def main() -> None:
     bt = sub.add_parser("baseline-train", help="(internal) the example's training, one process")
     bt.add_argument("--epochs", type=int, default=1)
     bt.add_argument("--out", required=True)
+    bt.add_argument("--seed", type=int, default=999, help="torch.manual_seed (the example's manualSeed: 999)")
     bt.add_argument("--deadline", type=float, help="time.time() at which to stop (budget runs)")
     a = p.parse_args()
     if a.cmd == "baseline-train":

@@ -33,7 +33,8 @@ from nnforge.outputs import build_output
 from nnforge.tasks.rl._recorder import Recorder, RunningMeanStd
 from nnforge.tasks.rl.envs import Spaces, make_vec_env
 
-COLUMNS = ["pg_loss", "v_loss", "entropy", "approx_kl", "clip_frac", "explained_variance", "clip_coef"]
+LOSS_STATS = ["pg_loss", "v_loss", "entropy", "approx_kl", "clip_frac"]  # per minibatch, averaged per update
+COLUMNS = [*LOSS_STATS, "explained_variance", "clip_coef"]
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -104,10 +105,10 @@ def train(cfg: RLConfig, run: Run, device: torch.device, resume: bool, record: d
     reward_rms = RunningMeanStd(**s.reward_stats) if s.reward_stats else RunningMeanStd()
 
     T, N = cfg.n_steps, cfg.envs
-    obs_buf = torch.zeros((T, N, *spaces.obs_shape), dtype=getattr(torch, spaces.obs_dtype), device=device)
-    act_buf = torch.zeros((T, N, spaces.action_dim) if spaces.action_dim else (T, N), device=device,
-                          dtype=torch.float32 if spaces.action_dim else torch.long)
-    logp_buf, rew_buf, val_buf, term_buf, end_buf, valid_buf = (torch.zeros((T, N), device=device) for _ in range(6))
+    # the rollout fills numpy buffers (no tensor op per environment step) and reaches the device once per rollout
+    obs_np = np.zeros((T, N, *spaces.obs_shape), dtype=spaces.obs_dtype)
+    rew_np, term_np, end_np = (np.zeros((T, N), dtype=np.float32) for _ in range(3))
+    valid_np = np.zeros((T, N), dtype=bool)
     next_obs, _ = envs.reset(seed=rec.env_seed)
     prev_end = np.zeros(N, dtype=bool)   # the previous step ended an episode: this step is a reset step
     discounted = np.zeros(N)             # running discounted return per environment, for reward scaling
@@ -124,13 +125,15 @@ def train(cfg: RLConfig, run: Run, device: torch.device, resume: bool, record: d
 
             # --- rollout: n_steps from every environment ---------------------------------------------------
             policy.eval()
+            acts, logps, vals = [], [], []
             for t in range(T):
-                obs_buf[t] = torch.from_numpy(next_obs)
-                valid_buf[t] = torch.from_numpy(~prev_end)
+                obs_np[t], valid_np[t] = next_obs, ~prev_end
                 with torch.no_grad(), autocast(device, amp):
                     out, value = policy.heads(to_device(next_obs))
                     action, logprob, _ = sample(policy, out.float())
-                act_buf[t], logp_buf[t], val_buf[t] = action, logprob, value.float()
+                acts.append(action)
+                logps.append(logprob)
+                vals.append(value.float())
                 a = action.cpu().numpy()
                 t0 = time.perf_counter()
                 next_obs, reward, term, trunc, _ = envs.step(np.clip(a, low, high) if low is not None else a)
@@ -150,13 +153,15 @@ def train(cfg: RLConfig, run: Run, device: torch.device, resume: bool, record: d
                         reward_rms.update(discounted[~prev_end])
                     reward = np.clip(reward / math.sqrt(reward_rms.var + 1e-8), -10, 10)
                     discounted[end] = 0.0
-                rew_buf[t] = torch.as_tensor(reward, dtype=torch.float32, device=device)
-                term_buf[t] = torch.as_tensor(term, dtype=torch.float32, device=device)
-                end_buf[t] = torch.as_tensor(end, dtype=torch.float32, device=device)
+                rew_np[t], term_np[t], end_np[t] = reward, term, end
                 prev_end = end
                 if stop.requested:  # the partial rollout is dropped; `last` is as of the last update
                     s.reward_stats = vars(reward_rms)
                     rec.interrupt()
+            obs_buf = torch.from_numpy(obs_np).to(device)
+            act_buf, logp_buf, val_buf = torch.stack(acts), torch.stack(logps), torch.stack(vals)
+            rew_buf, term_buf, end_buf, valid_buf = (torch.from_numpy(x).to(device)
+                                                     for x in (rew_np, term_np, end_np, valid_np))
 
             # --- advantages -----------------------------------------------------------------------------------
             with torch.no_grad(), autocast(device, amp):
@@ -165,16 +170,18 @@ def train(cfg: RLConfig, run: Run, device: torch.device, resume: bool, record: d
 
             # --- update: epochs of minibatches over the valid steps -------------------------------------------
             policy.train()
-            b_obs = obs_buf.reshape(T * N, *spaces.obs_shape)
-            b_act = act_buf.reshape(T * N, *act_buf.shape[2:])
-            b_logp, b_adv, b_ret, b_val = (x.reshape(-1) for x in (logp_buf, advantages, returns, val_buf))
-            idx = valid_buf.reshape(-1).nonzero().squeeze(-1)
-            stats = {"pg_loss": 0.0, "v_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clip_frac": 0.0}
+            valid = valid_buf.reshape(-1).nonzero().squeeze(-1)  # the update sees the valid steps only
+            b_obs, b_act = obs_buf.reshape(T * N, *spaces.obs_shape)[valid], act_buf.reshape(T * N, -1)[valid]
+            b_act = b_act if spaces.action_dim else b_act.squeeze(-1)
+            b_logp, b_adv, b_ret, b_val = (x.reshape(-1)[valid] for x in (logp_buf, advantages, returns, val_buf))
+            n_valid = len(valid)
+            totals = torch.zeros(len(LOSS_STATS), device=device)
             n_mb = 0
             for _epoch in range(cfg.update_epochs):
-                perm = idx[torch.randperm(len(idx), device=device)]
-                for start in range(0, len(perm), cfg.batch_size):
-                    mb = perm[start:start + cfg.batch_size]
+                # one minibatch holds everything (CartPole's preset): its order cannot matter, so no shuffle/gather
+                batches = ([slice(None)] if n_valid <= cfg.batch_size else
+                           torch.randperm(n_valid, device=device).split(cfg.batch_size))
+                for mb in batches:
                     obs_mb = b_obs[mb]
                     if channels_last:
                         obs_mb = obs_mb.contiguous(memory_format=torch.channels_last)
@@ -184,11 +191,8 @@ def train(cfg: RLConfig, run: Run, device: torch.device, resume: bool, record: d
                     new_value = new_value.float()
                     log_ratio = new_logp - b_logp[mb]
                     ratio = log_ratio.exp()
-                    with torch.no_grad():
-                        approx_kl = ((ratio - 1) - log_ratio).mean()  # the low-variance estimator of KL
-                        clip_frac = ((ratio - 1).abs() > clip).float().mean()
                     adv = b_adv[mb]
-                    if cfg.norm_adv and len(mb) > 1:
+                    if cfg.norm_adv and len(adv) > 1:
                         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
                     pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean()
                     if cfg.clip_vloss:
@@ -196,25 +200,27 @@ def train(cfg: RLConfig, run: Run, device: torch.device, resume: bool, record: d
                         v_loss = 0.5 * torch.max((new_value - b_ret[mb]) ** 2, (clipped - b_ret[mb]) ** 2).mean()
                     else:
                         v_loss = 0.5 * ((new_value - b_ret[mb]) ** 2).mean()
-                    loss = pg_loss - cfg.ent_coef * entropy.mean() + cfg.vf_coef * v_loss
+                    entropy = entropy.mean()
+                    loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.clip_grad:
                         nn.utils.clip_grad_norm_(policy.parameters(), cfg.clip_grad)
                     optimizer.step()
-                    for k, v in (("pg_loss", pg_loss), ("v_loss", v_loss), ("entropy", entropy.mean()),
-                                 ("approx_kl", approx_kl), ("clip_frac", clip_frac)):
-                        stats[k] += float(v.detach())
+                    with torch.no_grad():  # summed as tensors: no host sync per minibatch
+                        approx_kl = ((ratio - 1) - log_ratio).mean()  # the low-variance estimator of KL
+                        clip_frac = ((ratio - 1).abs() > clip).float().mean()
+                        totals += torch.stack([pg_loss, v_loss, entropy, approx_kl, clip_frac])
                     n_mb += 1
                 if cfg.target_kl is not None and float(approx_kl) > cfg.target_kl:
                     break
             s.updates += 1
             if cfg.norm_obs and not spaces.pixels:  # the next rollout and its update see the new statistics
-                policy.obs_norm.update(b_obs[idx])
+                policy.obs_norm.update(b_obs)
             s.reward_stats = vars(reward_rms)
-            y, v = b_ret[idx], b_val[idx]
+            y, v = b_ret, b_val
             var_y = float(y.var()) if len(y) > 1 else math.nan
-            metrics = {k: v_ / max(1, n_mb) for k, v_ in stats.items()}
+            metrics = dict(zip(LOSS_STATS, (totals / max(1, n_mb)).tolist(), strict=True))
             metrics.update(explained_variance=math.nan if not var_y else 1 - float((y - v).var()) / var_y,
                            clip_coef=clip)
             if not math.isfinite(metrics["explained_variance"]):
