@@ -165,3 +165,38 @@ def test_a_tie_of_the_monitored_metric_goes_to_the_lower_validation_loss():
     assert not _better(0.92, 0.92, "max", loss=0.31, best_loss=0.30)
     assert not _better(0.92, 0.92, "max")  # no loss logged: a tie is not an improvement
     assert _better(0.2, 0.3, "min") and not _better(0.3, 0.3, "min")
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "per-tensor"])
+def test_optimizer_resumes_channels_last_weights_exactly(tmp_path, fused):
+    """A checkpoint file holds contiguous moments; a channels-last weight must get its own back, not its neighbours'
+    (the fused kernel walks the parameter and its moments in memory order)."""
+    from nnforge.engine.optim import optimizer_from_flat, optimizer_to_flat
+
+    def make():
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+        return conv, torch.optim.AdamW(conv.parameters(), lr=1e-2, fused=fused)
+
+    grads = [[torch.randn_like(p) for p in make()[0].parameters()] for _ in range(6)]
+
+    def steps(model, opt, batch):
+        for g in batch:
+            for p, gp in zip(model.parameters(), g, strict=True):
+                p.grad = gp.clone()
+            opt.step()
+
+    straight, opt = make()
+    steps(straight, opt, grads)
+    resumed, opt = make()
+    steps(resumed, opt, grads[:3])
+    tensors, meta = optimizer_to_flat(opt)
+    tensors.update({f"model.{k}": v for k, v in resumed.state_dict().items()})
+    save_checkpoint(tmp_path / "last.safetensors", tensors, {"optim": meta})
+    tensors, meta = load_checkpoint(tmp_path / "last.safetensors")
+    resumed, opt = make()
+    resumed.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer_from_flat(opt, tensors, meta["optim"], "cpu")
+    steps(resumed, opt, grads[3:])
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
