@@ -160,8 +160,7 @@ def train(cfg: RLConfig, run: Run, device: torch.device, resume: bool, record: d
                     rec.interrupt()
             obs_buf = torch.from_numpy(obs_np).to(device)
             act_buf, logp_buf, val_buf = torch.stack(acts), torch.stack(logps), torch.stack(vals)
-            rew_buf, term_buf, end_buf, valid_buf = (torch.from_numpy(x).to(device)
-                                                     for x in (rew_np, term_np, end_np, valid_np))
+            rew_buf, term_buf, end_buf = (torch.from_numpy(x).to(device) for x in (rew_np, term_np, end_np))
 
             # --- advantages -----------------------------------------------------------------------------------
             with torch.no_grad(), autocast(device, amp):
@@ -170,9 +169,9 @@ def train(cfg: RLConfig, run: Run, device: torch.device, resume: bool, record: d
 
             # --- update: epochs of minibatches over the valid steps -------------------------------------------
             policy.train()
-            valid = valid_buf.reshape(-1).nonzero().squeeze(-1)  # the update sees the valid steps only
-            b_obs, b_act = obs_buf.reshape(T * N, *spaces.obs_shape)[valid], act_buf.reshape(T * N, -1)[valid]
-            b_act = b_act if spaces.action_dim else b_act.squeeze(-1)
+            valid = torch.from_numpy(valid_np.reshape(-1).nonzero()[0]).to(device)  # the update sees valid steps only
+            b_obs = obs_buf.reshape(T * N, *spaces.obs_shape)[valid]
+            b_act = act_buf.reshape(T * N, *act_buf.shape[2:])[valid]
             b_logp, b_adv, b_ret, b_val = (x.reshape(-1)[valid] for x in (logp_buf, advantages, returns, val_buf))
             n_valid = len(valid)
             totals = torch.zeros(len(LOSS_STATS), device=device)
