@@ -278,7 +278,10 @@ def fit(trainable: Trainable, cfg: EngineConfig, run: Run, *, device: torch.devi
     trained = {n: m for n, m in modules.items() if n not in emas}
     world = distributed.world()
     if resume_from and not world.main:
-        state.sums, state.seen = {}, 0  # the checkpoint's sums are the whole world's: counted once, by rank 0
+        # the checkpoint's sums are the whole world's: counted once, by rank 0. The other ranks keep the same keys
+        # at zero, so every rank sums the same tensors even when the stop came after an epoch's last batch (no
+        # batch left to add the keys: the ranks' collectives no longer matched and the resume aborted or hung)
+        state.sums, state.seen = dict.fromkeys(state.sums, 0.0), 0
     views = {n: world.wrap(m, device) for n, m in trained.items()}
     views = {n: torch.compile(m) for n, m in views.items()} if cfg.compile else views
     views.update({n: e.model for n, e in emas.items()})
