@@ -5,29 +5,14 @@ is drawn, so a test can stop a multi-process run at an exact step (an outside si
 from __future__ import annotations
 
 import os
-import signal
 import sys
+
+from stopping import stopping_source
 
 from nnforge import cli
 from nnforge.data.images import ImageData
 
-STOP = int(os.environ["STOP_EPOCH"]), int(os.environ["STOP_BATCH"])
-_original = ImageData.train_source
-
-
-def _stopping_source(self, device):
-    source = _original(self, device)
-    batches = source.epoch
-
-    def epoch(e, start=0):
-        for b, batch in enumerate(batches(e, start), start=start):
-            if os.environ.get("RANK") == "0" and (e, b) == (STOP[0], STOP[1] % len(source)):
-                os.kill(os.getpid(), signal.SIGTERM)  # handled by the engine: a stop after this batch's step
-            yield batch
-
-    source.epoch = epoch
-    return source
-
-
-ImageData.train_source = _stopping_source
+ImageData.train_source = stopping_source(ImageData.train_source,
+                                         (int(os.environ["STOP_EPOCH"]), int(os.environ["STOP_BATCH"])),
+                                         when=lambda: os.environ.get("RANK") == "0")
 sys.exit(cli.main(sys.argv[1:]))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from stopping import stopping_source
 
 import nnforge
 from nnforge.data.images import ImageData
@@ -46,21 +46,7 @@ def test_resume_after_sigterm_is_bit_identical(png_tree, tmp_path, monkeypatch, 
     reference = nnforge.train("image", data=str(png_tree), out=str(tmp_path), name="straight", **COMMON).path
 
     original = ImageData.train_source
-
-    def interrupting_source(self, device):
-        source = original(self, device)
-        epoch_fn = source.epoch
-
-        def epoch(e, start=0):
-            for b, batch in enumerate(epoch_fn(e, start), start=start):
-                if (e, b) == stop_at:
-                    os.kill(os.getpid(), signal.SIGTERM)  # the real signal, handled by the engine
-                yield batch
-
-        source.epoch = epoch
-        return source
-
-    monkeypatch.setattr(ImageData, "train_source", interrupting_source)
+    monkeypatch.setattr(ImageData, "train_source", stopping_source(original, stop_at))  # a real SIGTERM
     with pytest.raises(TrainingInterrupted):
         nnforge.train("image", data=str(png_tree), out=str(tmp_path), name="interrupted", **COMMON)
     monkeypatch.setattr(ImageData, "train_source", original)
