@@ -13,6 +13,7 @@ compiled by inductor: the first call's time (compilation) and the steady time pe
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -42,7 +43,7 @@ def gan_layers() -> None:
               ("D 256->1 4->1", nn.Conv2d(256, 1, 4, 1, 0, bias=False), (BATCH, 256, 4, 4), True)]
 
     def ms(layer, shape, grad_in, bf16, channels_last):
-        x = torch.randn(shape)
+        layer, x = copy.deepcopy(layer), torch.randn(shape)  # a copy: .to(memory_format) changes a module in place
         if channels_last:
             layer, x = layer.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(grad_in)
