@@ -75,12 +75,12 @@ def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str = "optim.") -> tup
 
 
 def _like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """value in param's memory layout. A file holds contiguous tensors, and the fused AdamW kernel walks a parameter
-    and its moments in memory order: a channels-last weight with contiguous moments got other elements' moments
-    after a resume (weights off by 0.05 within three steps)."""
+    """value on param's device, in param's memory layout. A file holds contiguous tensors, and the fused AdamW kernel
+    walks a parameter and its moments in memory order: a channels-last weight with contiguous moments got other
+    elements' moments after a resume (weights off by 0.05 within three steps)."""
     if value.shape != param.shape or value.stride() == param.stride():
-        return value
-    return torch.empty_like(param, dtype=value.dtype).copy_(value)
+        return value.to(param.device)
+    return torch.empty_like(param, dtype=value.dtype).copy_(value)  # one copy: the device and the layout at once
 
 
 def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict, device, prefix: str = "optim.") -> None:
@@ -92,7 +92,7 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict, d
             if not pid.isdigit():
                 continue  # another optimizer's tensors (optim.<name>.<pid>...)
             if key != "step":
-                v = _like(params[int(pid)], v.to(device)) if int(pid) < len(params) else v.to(device)
+                v = _like(params[int(pid)], v) if int(pid) < len(params) else v.to(device)
             state.setdefault(int(pid), {})[key] = v
     for pid, st in meta["state"].items():
         state.setdefault(int(pid), {}).update(st)
